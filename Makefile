@@ -1,0 +1,37 @@
+# `make demo`: the whole pipeline on the bundled sample, then the web page.
+# `make test`: the whole test suite. Both create .venv and install what they need.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+
+# Small and fast on a CPU: the demo shows the pipeline working, not a good model.
+DEMO_IMAGE_SIZE ?= 128
+DEMO_EPOCHS ?= 3
+
+.PHONY: demo test lint browser clean
+
+$(INSTALLED): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Debian's Chromium for the browser test (Playwright cannot download its own browser here).
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+demo: $(INSTALLED)
+	$(PY) prepdata.py --csv sample_data/GroundTruth.csv --images sample_data/images \
+		--out prepared_dataset --overwrite
+
+test: $(INSTALLED) browser
+	$(PY) -m pytest
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf prepared_dataset results best_model.pth last_model.pth training_history.json

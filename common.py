@@ -1,0 +1,423 @@
+"""What the four stages share: labels, file names, images, the model, checkpoints, devices.
+
+Nothing stage-specific lives here. Every stage reads image size, normalisation and the
+decision threshold from the checkpoint (see DESIGN.md), through the helpers below.
+"""
+
+import argparse
+import datetime
+import functools
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageFile, ImageOps
+from torch import nn
+from torchvision import transforms
+
+# --- labels and the prepared-tree file convention ------------------------------------------
+
+MELANOMA, NON_MELANOMA = 1, 0
+CLASS_NAMES = ("Non-Melanoma", "Melanoma")  # index = label
+FILE_PREFIX = {MELANOMA: "mel_", NON_MELANOMA: "nomel_"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCH = "efficientnet_v2_s"
+DEFAULT_IMAGE_SIZE = 384
+
+# Decompression bombs: refuse anything over 64 megapixels (a 50 MP camera fits) instead of
+# relying on Pillow's default, and make Pillow raise rather than warn.
+MAX_IMAGE_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UserError(Exception):
+    """Bad input from the person running a command: shown as one line, exit code 2."""
+
+
+class ImageError(UserError):
+    """An image that cannot be decoded safely."""
+
+
+def label_from_filename(name):
+    """1 for `mel_*`, 0 for `nomel_*`, None for any other file."""
+    name = os.path.basename(name)
+    if not name.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    if name.startswith(FILE_PREFIX[MELANOMA]):
+        return MELANOMA
+    if name.startswith(FILE_PREFIX[NON_MELANOMA]):
+        return NON_MELANOMA
+    return None
+
+
+def prepared_filename(label, image_id, augmented_index=None, suffix=".jpg"):
+    """`mel_ISIC_1.jpg`, `nomel_ISIC_2.jpg`, or `mel_aug_ISIC_1_3.jpg` for an augmented copy."""
+    if augmented_index is None:
+        return f"{FILE_PREFIX[label]}{image_id}{suffix}"
+    return f"{FILE_PREFIX[label]}aug_{image_id}_{augmented_index}{suffix}"
+
+
+def is_augmented_filename(name):
+    return os.path.basename(name).startswith(tuple(f"{p}aug_" for p in FILE_PREFIX.values()))
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def load_image(source, min_size=None):
+    """Decode an image file (path or binary file object) into an upright 8-bit RGB PIL image.
+
+    The whole image is decoded here, so truncated and corrupt files fail now, with an
+    ImageError, not later inside a DataLoader worker. `min_size` lets JPEG decode at a reduced
+    scale (never below min_size on either side): a 3000x2000 photo then costs about as much
+    as a small one.
+    """
+    name = source if isinstance(source, (str, os.PathLike)) else "upload"
+    try:
+        with Image.open(source) as image:
+            if min_size and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: image has more than {MAX_IMAGE_PIXELS:,} pixels") from None
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{name}: not a readable image ({error})") from None
+
+
+def to_rgb(image):
+    """Convert any Pillow mode (CMYK, greyscale, palette, 16-bit, alpha) to 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent pixels carry no skin; put them on white, the usual page background.
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The one deterministic transform used to score images (validation, analysis, the app)."""
+    return transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def checkpoint_transform(meta):
+    return eval_transform(meta["image_size"], meta["mean"], meta["std"])
+
+
+def list_prepared_images(folder):
+    """Sorted (path, label) pairs of the `mel_`/`nomel_` images directly inside `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    pairs = []
+    for path in sorted(folder.iterdir()):
+        label = label_from_filename(path.name)
+        if label is not None and path.is_file():
+            pairs.append((path, label))
+    return pairs
+
+
+class SkinLesionDataset(torch.utils.data.Dataset):
+    """Any folder of `mel_*` / `nomel_*` images; the class is the file-name prefix."""
+
+    def __init__(self, folder, transform):
+        self.samples = list_prepared_images(folder)
+        if not self.samples:
+            raise UserError(f"{folder}: no mel_*/nomel_* images in this folder")
+        self.transform = transform
+
+    @property
+    def labels(self):
+        return [label for _, label in self.samples]
+
+    @property
+    def paths(self):
+        return [path for path, _ in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return self.transform(load_image(path)), label
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class WeightsUnavailable(UserError):
+    pass
+
+
+class SkinLesionModel(nn.Module):
+    """torchvision EfficientNetV2-S with a two-class head (the dropout before it is kept).
+
+    The backbone sits in the attribute `efficientnet`, as in the original project, so its
+    bare state_dicts still load (see `load_checkpoint`).
+    """
+
+    def __init__(self, weights="none", dropout=0.2):
+        super().__init__()
+        self.efficientnet = torchvision.models.efficientnet_v2_s()
+        if weights != "none":
+            self.efficientnet.load_state_dict(imagenet_state_dict(weights))
+        in_features = self.efficientnet.classifier[1].in_features
+        self.efficientnet.classifier = nn.Sequential(
+            nn.Dropout(p=dropout, inplace=True), nn.Linear(in_features, len(CLASS_NAMES))
+        )
+
+    def forward(self, x):
+        return self.efficientnet(x)
+
+
+def imagenet_state_dict(weights):
+    """ImageNet weights for the backbone: 'imagenet' (torchvision cache or download) or a file."""
+    if weights == "imagenet":
+        source = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1
+        try:
+            return source.get_state_dict(progress=False, check_hash=True)
+        except Exception as error:  # urllib, socket and hash errors all mean "not available"
+            hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(source.url).name
+            raise WeightsUnavailable(
+                f"ImageNet weights are not in the cache and could not be downloaded ({error}); "
+                f"place {source.url} at {hub}, pass --weights PATH, or train from scratch "
+                f"with --weights none"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailable(f"{path}: weights file not found (or use --weights imagenet|none)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsUnavailable(f"{path}: not a torchvision EfficientNetV2-S state_dict ({error})") from None
+
+
+def model_for_inference(model, device):
+    """Eval mode, on `device`, channels_last (faster convolutions on CPU and GPU)."""
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+# --- devices and mixed precision -------------------------------------------------------------
+
+
+def choose_device(name="auto"):
+    """'auto' picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16():
+    """AMX or AVX512-BF16: bf16 autocast is then much faster than fp32 on the CPU."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def choose_amp_dtype(device, amp="auto"):
+    """The autocast dtype for `--amp auto|bf16|fp16|off`; None means full fp32."""
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise UserError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or off")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def amp_name(amp_dtype):
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+
+
+def inference_amp_dtype(device):
+    """The precision every consumer scores in (analysis and the app alike), so that the
+    stored threshold means the same thing everywhere."""
+    return choose_amp_dtype(device, "auto")
+
+
+@torch.inference_mode()
+def melanoma_probabilities(model, images, device, amp_dtype):
+    """Melanoma probability for each image of a normalised batch (N, 3, H, W), as floats."""
+    images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        logits = model(images)
+    return torch.softmax(logits.float(), dim=1)[:, MELANOMA].cpu().numpy()
+
+
+# --- the decision rule ------------------------------------------------------------------------
+
+
+def predict_labels(probabilities, threshold):
+    """Melanoma (1) when the melanoma probability reaches the threshold, else 0."""
+    return (np.asarray(probabilities) >= threshold).astype(int)
+
+
+def sensitivity_specificity(labels, probabilities, threshold):
+    """(sensitivity, specificity) at `threshold`; NaN for a class that has no images."""
+    labels = np.asarray(labels)
+    predicted = predict_labels(probabilities, threshold)
+    positives, negatives = labels == MELANOMA, labels == NON_MELANOMA
+    sensitivity = (predicted[positives] == MELANOMA).mean() if positives.any() else float("nan")
+    specificity = (predicted[negatives] == NON_MELANOMA).mean() if negatives.any() else float("nan")
+    return float(sensitivity), float(specificity)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def checkpoint_metadata(
+    image_size=DEFAULT_IMAGE_SIZE,
+    threshold=0.5,
+    weights="none",
+    epoch=None,
+    val_metrics=None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    **extra,
+):
+    """The plain metadata stored beside the weights (DESIGN.md, "Checkpoint").
+
+    `extra` adds further plain values (str, numbers, lists, dicts), e.g. the threshold rule.
+    """
+    return {
+        "arch": ARCH,
+        "class_names": list(CLASS_NAMES),
+        "image_size": int(image_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "threshold": float(threshold),
+        "weights": str(weights),
+        "epoch": epoch,
+        "val_metrics": dict(val_metrics or {}),
+        "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+        **extra,
+    }
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, model, meta):
+    """Write `best_model.pth`: the model's state_dict plus the metadata of `checkpoint_metadata`."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    atomic_torch_save({**meta, "model_state": state}, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode on `device`, metadata) from a checkpoint or an original bare state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint not found (train first with model.py, or pass --model PATH)"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (expected a dict, found {type(saved).__name__})")
+    if "model_state" in saved:
+        meta = {key: value for key, value in saved.items() if key != "model_state"}
+        state = saved["model_state"]
+    else:
+        meta = {
+            **checkpoint_metadata(),
+            "weights": "unknown (original project state_dict)",
+            "trained_at": None,
+        }
+        state = original_state_dict_to_ours(saved)
+    model = SkinLesionModel()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(
+            f"{path}: weights do not fit EfficientNetV2-S with 2 classes ({first_line})"
+        ) from None
+    return model_for_inference(model, device), meta
+
+
+def original_state_dict_to_ours(state):
+    """The original head was a single Linear (`classifier.weight`); ours is Dropout + Linear."""
+    renamed = {}
+    for name, tensor in state.items():
+        for part in ("weight", "bias"):
+            if name == f"efficientnet.classifier.{part}":
+                name = f"efficientnet.classifier.1.{part}"
+        renamed[name] = tensor
+    return renamed
+
+
+# --- command lines ---------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus a --help hint), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def exits_on_user_error(main_function):
+    """Decorate a stage's `main`: a UserError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(main_function)
+    def main(argv=None):
+        try:
+            return main_function(argv)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return main

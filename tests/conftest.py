@@ -1,0 +1,98 @@
+"""Shared fixtures: real images (bundled sample and ../shared/data), tiny random checkpoints."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+SAMPLE = ROOT / "sample_data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+HAM_SAMPLE = SHARED_DATA / "ham10000_sample"
+LARGE_PHOTOS = SHARED_DATA / "large_photos"
+TINY_IMAGE_SIZE = 64
+
+# Tests share two cores with each other's subprocesses: one torch thread each avoids thrashing.
+torch.set_num_threads(1)
+
+
+def sample_labels():
+    """{image_id: 1/0} of the bundled sample."""
+    with open(SAMPLE / "GroundTruth.csv", newline="") as file:
+        return {row["image"]: int(float(row["MEL"])) for row in csv.DictReader(file)}
+
+
+def make_prepared_folder(folder, count=None, labels=(0, 1)):
+    """A folder of `mel_`/`nomel_` copies of bundled sample images (no prepdata needed).
+
+    `count` images per label (all when None); `labels` picks which classes appear.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = dict.fromkeys(labels, 0)
+    for image_id, label in sorted(sample_labels().items()):
+        if label in taken and (count is None or taken[label] < count):
+            shutil.copyfile(
+                SAMPLE / "images" / f"{image_id}.jpg", folder / common.prepared_filename(label, image_id)
+            )
+            taken[label] += 1
+    return folder
+
+
+def make_random_checkpoint(path, image_size=TINY_IMAGE_SIZE, threshold=0.5, seed=0):
+    torch.manual_seed(seed)
+    model = common.SkinLesionModel(weights="none")
+    common.save_checkpoint(
+        path, model, common.checkpoint_metadata(image_size=image_size, threshold=threshold)
+    )
+    return Path(path)
+
+
+def run_script(script, *args, cwd=ROOT, timeout=600):
+    """Run one of the stage scripts as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def assert_one_line_error(result):
+    """A user error: exit 2, one non-empty line on stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """A random-weight checkpoint at 64 pixels, shared by the tests that only read it."""
+    return make_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "best_model.pth")
+
+
+@pytest.fixture
+def writable_copy(tmp_path):
+    """Copy a read-only ../shared/data folder into tmp and make it writable."""
+
+    def copy(source):
+        target = tmp_path / Path(source).name
+        shutil.copytree(source, target)
+        for path in [target, *target.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+        return target
+
+    return copy
