@@ -32,8 +32,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCH = "efficientnet_v2_s"
 DEFAULT_IMAGE_SIZE = 384
 
-# Decompression bombs: refuse anything over 64 megapixels (a 50 MP camera fits) instead of
-# relying on Pillow's default, and make Pillow raise rather than warn.
+# Decompression bombs: refuse anything over 64 megapixels (a 50 MP camera fits) before it is
+# decoded. Pillow raises only above twice its limit (it warns below), so load_image checks too.
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -84,6 +84,8 @@ def load_image(source, min_size=None):
     name = source if isinstance(source, (str, os.PathLike)) else "upload"
     try:
         with Image.open(source) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
             image.load()

@@ -1,0 +1,202 @@
+"""common.py: labels, safe image loading, the model, checkpoints, devices."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import HAM_SAMPLE, LARGE_PHOTOS, SAMPLE, make_random_checkpoint
+from PIL import Image
+
+import common
+
+SAMPLE_IMAGE = sorted((SAMPLE / "images").glob("*.jpg"))[0]
+
+
+def encode(image, format_name, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format_name, **options)
+    buffer.seek(0)
+    return buffer
+
+
+def test_file_name_convention_round_trips():
+    assert common.label_from_filename(common.prepared_filename(1, "ISIC_1")) == common.MELANOMA
+    assert common.label_from_filename(common.prepared_filename(0, "ISIC_1")) == common.NON_MELANOMA
+    augmented = common.prepared_filename(1, "ISIC_1", augmented_index=3)
+    assert augmented == "mel_aug_ISIC_1_3.jpg"
+    assert common.is_augmented_filename(augmented)
+    assert not common.is_augmented_filename("mel_ISIC_1.jpg")
+    assert common.label_from_filename("notes.txt") is None
+    assert common.label_from_filename("ISIC_1.jpg") is None
+    assert common.label_from_filename("mel_ISIC_1.csv") is None
+
+
+def test_load_image_applies_exif_orientation():
+    upright = Image.open(SAMPLE_IMAGE)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    loaded = common.load_image(encode(upright, "JPEG", exif=exif.tobytes()))
+    assert loaded.size == (upright.height, upright.width)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA", "I;16"])
+def test_load_image_converts_every_mode_to_rgb(mode):
+    source = Image.open(SAMPLE_IMAGE).convert("RGB")
+    if mode == "I;16":
+        source = Image.fromarray(np.asarray(source.convert("L"), dtype=np.uint16) * 257)
+    else:
+        source = source.convert(mode)
+    format_name = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    loaded = common.load_image(encode(source, format_name))
+    assert loaded.mode == "RGB"
+    assert loaded.size == source.size
+    # 16-bit is scaled down, not clipped to white.
+    assert 20 < np.asarray(loaded).mean() < 235
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
+    assert np.asarray(common.load_image(encode(image, "PNG")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_load_image_rejects_truncated_corrupt_and_missing(tmp_path):
+    data = SAMPLE_IMAGE.read_bytes()
+    with pytest.raises(common.ImageError, match="not a readable image"):
+        common.load_image(io.BytesIO(data[: len(data) // 2]))
+    with pytest.raises(common.ImageError, match="not a readable image"):
+        common.load_image(io.BytesIO(b"this is text, not an image"))
+    with pytest.raises(common.ImageError, match="not found"):
+        common.load_image(tmp_path / "missing.jpg")
+
+
+def test_load_image_refuses_decompression_bombs():
+    # A PNG that claims 10000 x 10000 pixels compresses to a few hundred kilobytes.
+    bomb = encode(Image.new("L", (10_000, 10_000)), "PNG")
+    with pytest.raises(common.ImageError, match="pixels"):
+        common.load_image(bomb)
+
+
+def test_jpeg_draft_decodes_large_photos_small_but_not_below_min_size():
+    photo = max(LARGE_PHOTOS.glob("images/*.jpg"), key=lambda path: path.stat().st_size)
+    full = Image.open(photo).size
+    drafted = common.load_image(photo, min_size=384).size
+    assert min(drafted) >= 384
+    assert drafted[0] < full[0]
+
+
+def test_dataset_reads_labels_from_prefixes(tmp_path):
+    from conftest import make_prepared_folder
+
+    folder = make_prepared_folder(tmp_path / "split", count=2)
+    (folder / "README.txt").write_text("not an image")
+    dataset = common.SkinLesionDataset(folder, common.eval_transform(32))
+    assert sorted(dataset.labels) == [0, 0, 1, 1]
+    image, label = dataset[0]
+    assert image.shape == (3, 32, 32)
+    assert label == common.label_from_filename(dataset.paths[0].name)
+
+
+def test_dataset_on_empty_or_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(common.UserError, match="no mel_"):
+        common.SkinLesionDataset(tmp_path, common.eval_transform(32))
+    with pytest.raises(common.UserError, match="no such folder"):
+        common.SkinLesionDataset(tmp_path / "missing", common.eval_transform(32))
+
+
+def test_checkpoint_round_trip_keeps_weights_and_metadata(tmp_path):
+    path = make_random_checkpoint(tmp_path / "best_model.pth", image_size=64, threshold=0.31)
+    raw = torch.load(path, weights_only=True)
+    for key in ("arch", "class_names", "image_size", "mean", "std", "threshold", "weights", "versions"):
+        assert key in raw
+    model, meta = common.load_checkpoint(path)
+    assert meta["threshold"] == pytest.approx(0.31)
+    assert meta["image_size"] == 64
+    assert meta["class_names"] == ["Non-Melanoma", "Melanoma"]
+    assert not model.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, raw["model_state"][name])
+    assert not list(tmp_path.glob("*.tmp")), "the temporary file was left behind"
+
+
+def test_original_bare_state_dict_still_loads(tmp_path):
+    """The original project saved `SkinLesionModel.state_dict()` with a single Linear head."""
+    original = torchvision.models.efficientnet_v2_s()
+    original.classifier = torch.nn.Linear(1280, 2)
+    state = {f"efficientnet.{name}": tensor for name, tensor in original.state_dict().items()}
+    torch.save(state, tmp_path / "best_model.pth")
+    model, meta = common.load_checkpoint(tmp_path / "best_model.pth")
+    assert torch.equal(model.efficientnet.classifier[1].weight, original.classifier.weight)
+    assert meta["threshold"] == 0.5
+    assert "original" in meta["weights"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"garbage", "not a readable checkpoint"), (None, "not found")],
+)
+def test_bad_checkpoints_are_user_errors(tmp_path, content, message):
+    path = tmp_path / "best_model.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(common.CheckpointError, match=message):
+        common.load_checkpoint(path)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    torch.save({"model_state": {"weight": torch.zeros(2)}, "image_size": 64}, tmp_path / "other.pth")
+    with pytest.raises(common.CheckpointError, match="do not fit"):
+        common.load_checkpoint(tmp_path / "other.pth")
+
+
+def test_failed_save_leaves_no_file(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        common.atomic_torch_save({"x": Unpicklable()}, tmp_path / "best_model.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_imagenet_weights_from_a_missing_file_explain_the_fix(tmp_path):
+    with pytest.raises(common.WeightsUnavailable, match="--weights"):
+        common.SkinLesionModel(weights=str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_weights_load_from_a_local_file(tmp_path):
+    torch.manual_seed(1)
+    backbone = torchvision.models.efficientnet_v2_s()
+    torch.save(backbone.state_dict(), tmp_path / "efficientnet_v2_s.pth")
+    model = common.SkinLesionModel(weights=str(tmp_path / "efficientnet_v2_s.pth"))
+    assert torch.equal(model.efficientnet.features[0][0].weight, backbone.features[0][0].weight)
+
+
+def test_device_and_precision_choice():
+    cpu = torch.device("cpu")
+    assert common.choose_device("cpu") == cpu
+    assert common.choose_amp_dtype(cpu, "off") is None
+    assert common.choose_amp_dtype(cpu, "bf16") == torch.bfloat16
+    expected = torch.bfloat16 if common.cpu_has_native_bf16() else None
+    assert common.choose_amp_dtype(cpu, "auto") == expected
+    with pytest.raises(common.UserError):
+        common.choose_amp_dtype(cpu, "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UserError, match="no CUDA"):
+            common.choose_device("cuda")
+
+
+def test_sensitivity_and_specificity_at_a_threshold():
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    probabilities = [0.9, 0.8, 0.6, 0.2, 0.7, 0.3, 0.1, 0.0]
+    assert common.sensitivity_specificity(labels, probabilities, 0.5) == (0.75, 0.75)
+    assert common.sensitivity_specificity(labels, probabilities, 0.6) == (0.75, 0.75)
+    assert common.sensitivity_specificity(labels, probabilities, 0.65) == (0.5, 0.75)
+    sensitivity, specificity = common.sensitivity_specificity([0, 0], [0.1, 0.9], 0.5)
+    assert np.isnan(sensitivity) and specificity == 0.5
+
+
+def test_real_sample_images_decode():
+    for path in list((HAM_SAMPLE / "images").glob("*.jpg"))[:5]:
+        assert common.load_image(path).size == (600, 450)
