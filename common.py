@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -335,18 +335,32 @@ def checkpoint_metadata(
     }
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
+@contextmanager
+def atomic_output(path, mode="wb"):
+    """A file object on a temporary file beside `path`, renamed to `path` only when the block
+    succeeds: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+        with os.fdopen(handle, mode) as file:
+            yield file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
+    with atomic_output(path) as file:
+        torch.save(obj, file)
+
+
+def atomic_write_text(path, text):
+    """Write a text file (JSON, CSV, a report) atomically, like `atomic_torch_save`."""
+    with atomic_output(path, "w") as file:
+        file.write(text)
 
 
 def save_checkpoint(path, model, meta):
