@@ -232,7 +232,10 @@ def choose_device(name="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
 
 
 def cpu_has_native_bf16():
