@@ -346,12 +346,19 @@ def atomic_output(path, mode="wb"):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 would hide outputs from other users
         with os.fdopen(handle, mode) as file:
             yield file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask():
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def atomic_torch_save(obj, path):
