@@ -1,0 +1,843 @@
+"""Train the melanoma classifier: fine-tune EfficientNetV2-S on a prepared tree, then test it.
+
+    python model.py --data prepared_dataset --out .
+    torchrun --nproc_per_node=4 model.py --data prepared_dataset     # several GPUs, one machine
+
+Writes into --out: `best_model.pth` (whenever validation improves), `last_checkpoint.pth` (each
+epoch, everything `--resume` needs) and `training_history.json`; then scores the best checkpoint
+on the test split at the decision threshold it stores (chosen on the validation split).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import classification_report, roc_auc_score
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import transforms
+from tqdm import tqdm
+
+import common
+
+BEST_CHECKPOINT = "best_model.pth"
+LAST_CHECKPOINT = "last_checkpoint.pth"
+HISTORY_FILE = "training_history.json"
+
+# `--preset original`: the original project's recipe expressed with this code, for comparisons.
+# Flags given on the command line still win over a preset.
+PRESETS = {
+    "original": {
+        "augmentation": "original",
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "schedule": "plateau",
+        "monitor": "loss",
+        "class_weights": "none",
+        "threshold": 0.5,
+    }
+}
+
+# What `--resume` may change: where things are and how fast they run, never what is computed.
+CHANGEABLE_ON_RESUME = ("data", "out", "workers", "device", "resume")
+
+# Independent random streams derived from --seed (see `derived_seed`).
+AUGMENTATION_STREAM, TRAINING_STREAM = 1, 2
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def threshold_setting(text):
+    """'auto' (chosen on validation) or a fixed probability in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number in [0, 1], not {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return value
+
+
+def get_args_parser():
+    parser = common.ArgumentParser(
+        description="Fine-tune EfficientNetV2-S to tell melanoma from other lesions (model.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--data", default="prepared_dataset", help="prepared tree holding train/, val/ and test/")
+    add("--out", default=".", help="folder for best_model.pth, last_checkpoint.pth, training_history.json")
+    add(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="start from the original project's recipe "
+        "(plain cross-entropy, AdamW lr 1e-3, reduce-on-plateau on val loss, fixed resize, threshold "
+        "0.5); flags given explicitly still win",
+    )
+    add("--epochs", type=positive_int, default=10, help="most epochs to train")
+    add("--batch-size", type=positive_int, default=32, help="images per micro-batch (per process)")
+    add("--accumulation-steps", type=positive_int, default=4, help="micro-batches per optimiser step")
+    add("--patience", type=positive_int, default=3, help="stop after this many epochs without improvement")
+    add("--image-size", type=positive_int, default=common.DEFAULT_IMAGE_SIZE, help="square input size")
+    add("--lr", type=positive_float, default=3e-4, help="peak AdamW learning rate")
+    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    add(
+        "--schedule",
+        choices=("cosine", "plateau"),
+        default="cosine",
+        help="cosine: linear warm-up then cosine decay per step; plateau: x0.1 after 2 flat epochs",
+    )
+    add("--warmup-epochs", type=float, default=1.0, help="warm-up length of the cosine schedule")
+    add(
+        "--monitor",
+        choices=("auc", "loss"),
+        default="auc",
+        help="validation metric for the best checkpoint and early stopping",
+    )
+    add(
+        "--class-weights",
+        choices=("balanced", "none"),
+        default="balanced",
+        help="balanced: weight the loss by inverse class frequency of train/ (no effect on balanced data)",
+    )
+    add(
+        "--augmentation",
+        choices=("ours", "original"),
+        default="ours",
+        help="ours: random-resized crop, flips, quarter turns, mild colour jitter; original: fixed "
+        "resize, flips, quarter turns, the original's stronger colour jitter",
+    )
+    add(
+        "--threshold",
+        type=threshold_setting,
+        default="auto",
+        help="decision threshold: 'auto' picks it on validation (see --target-sensitivity), or a number",
+    )
+    add(
+        "--target-sensitivity",
+        type=fraction,
+        default=0.9,
+        help="with --threshold auto: the highest threshold catching this share of validation melanomas",
+    )
+    add("--weights", default="imagenet", help="initial backbone weights: imagenet, none or a .pth file")
+    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="mixed precision; auto: bf16 on GPUs that have it (else fp16) and on CPUs with AMX/AVX512-BF16",
+    )
+    add(
+        "--workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loading processes per training process (0 loads in the training process)",
+    )
+    add(
+        "--seed",
+        type=non_negative_int,
+        default=42,
+        help="seed of the initial head, data order, augmentation, dropout",
+    )
+    add("--resume", action="store_true", help=f"continue the run saved in OUT/{LAST_CHECKPOINT}")
+    return parser
+
+
+def parse_args(parser, argv):
+    """Parse twice when a preset is named: its values become the defaults, explicit flags win."""
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def explicit_settings(args, parser):
+    """The settings whose value differs from its default, i.e. those given on the command line."""
+    return {name: value for name, value in vars(args).items() if value != parser.get_default(name)}
+
+
+def settings_for_resume(args, parser, saved):
+    """The interrupted run's settings; this command line may change only CHANGEABLE_ON_RESUME."""
+    merged = dict(saved)
+    for name, value in explicit_settings(args, parser).items():
+        if name in CHANGEABLE_ON_RESUME:
+            merged[name] = value
+        elif saved.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise common.UserError(
+                f"--resume keeps the interrupted run's settings, which had {flag} {saved.get(name)} "
+                f"(not {value}); drop {flag} or start a new run in another --out"
+            )
+    return argparse.Namespace(**merged)
+
+
+# --- processes, devices, seeds ---------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process trains, and its place among torchrun's processes."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def log(self, message):
+        if self.is_main:
+            print(message, flush=True)
+
+
+def start_runtime(args):
+    """Choose device and precision; join torchrun's process group when there is one."""
+    device = common.choose_device(args.device)
+    amp_dtype = common.choose_amp_dtype(device, args.amp)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    runtime = Runtime(device, amp_dtype, rank, world_size)
+    if device.type == "cpu" and args.device == "auto":
+        runtime.log("Note: no CUDA GPU found, training on the CPU (slow; see the README for GPUs).")
+    runtime.log(
+        f"Training on {device.type} in {common.amp_name(amp_dtype)}, {world_size} process(es), "
+        f"{args.batch_size} x {args.accumulation_steps} accumulated images per step and process."
+    )
+    return runtime
+
+
+def stop_runtime(runtime):
+    if runtime.world_size > 1:
+        dist.destroy_process_group()
+
+
+def derived_seed(*numbers):
+    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
+    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0] >> 1)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class RandomQuarterTurn:
+    """Rotate by a random multiple of 90 degrees: a lesion has no 'up', and a quarter turn of a
+    square image neither cuts anything off nor fills corners with black."""
+
+    TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+    def __call__(self, image):
+        turn = self.TURNS[int(torch.randint(len(self.TURNS), ()))]
+        return image if turn is None else image.transpose(turn)
+
+
+def train_transform(image_size, augmentation="ours"):
+    """Online training augmentation; it adds nothing real images lack (no black-filled corners).
+
+    Both start from the eval transform's square resize, so lesions keep the proportions they will
+    have when scored. Hue jitter stays small in ours: colour is a melanoma clue.
+    """
+    square = transforms.Resize((image_size, image_size), antialias=True)
+    if augmentation == "original":
+        geometry = [square]
+        colour = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1)
+    else:
+        geometry = [square, transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)]
+        colour = transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+    return transforms.Compose(
+        [
+            *geometry,
+            transforms.RandomHorizontalFlip(),
+            RandomQuarterTurn(),  # with the flip: all 8 orientations of the square
+            colour,
+            transforms.ToTensor(),
+            transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
+        ]
+    )
+
+
+class EpochTaggedSampler(DistributedSampler):
+    """A DistributedSampler (with one process too) yielding (epoch, index) keys for
+    `ReproducibleAugmentation`: persistent workers never see the epoch otherwise."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+class ReproducibleAugmentation(Dataset):
+    """Each image's random augmentation depends only on (seed, epoch, index): a resumed run, and
+    any number of loader workers or processes, get the same augmented version of each image."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
+            torch.manual_seed(derived_seed(self.seed, AUGMENTATION_STREAM, epoch, index))
+            return self.dataset[index]
+
+
+def make_loader(dataset, args, runtime, sampler=None):
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
+
+
+def train_loader(args, runtime):
+    images = common.SkinLesionDataset(
+        Path(args.data) / "train", train_transform(args.image_size, args.augmentation)
+    )
+    if len(set(images.labels)) < 2:
+        raise common.UserError(f"{args.data}/train: needs both mel_ and nomel_ images to learn anything")
+    # drop_last=False pads each process's share to the same length: DDP needs equal step counts.
+    sampler = EpochTaggedSampler(images, runtime.world_size, runtime.rank, shuffle=True, seed=args.seed)
+    return make_loader(ReproducibleAugmentation(images, args.seed), args, runtime, sampler)
+
+
+def eval_loader(folder, args, runtime, shard=True):
+    """Deterministic loader; with `shard`, this process's share (no padding, so no image counts twice)."""
+    images = common.SkinLesionDataset(folder, common.eval_transform(args.image_size))
+    if shard and runtime.world_size > 1:
+        images = Subset(images, range(runtime.rank, len(images), runtime.world_size))
+    return make_loader(images, args, runtime)
+
+
+def check_data_folder(data):
+    data = Path(data)
+    if not data.is_dir():
+        raise common.UserError(f"{data}: no such folder (run prepdata.py first, or pass --data)")
+    for split in ("train", "val"):
+        common.SkinLesionDataset(data / split, transform=None)  # a missing or empty split fails here
+
+
+def has_test_split(data):
+    return (Path(data) / "test").is_dir() and bool(common.list_prepared_images(Path(data) / "test"))
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """Per-image results of one pass over a split: true label, melanoma probability, loss."""
+
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def add(self, labels, probabilities, losses):
+        self.labels = np.concatenate([self.labels, np.asarray(labels, dtype=int)])
+        self.probabilities = np.concatenate([self.probabilities, np.asarray(probabilities, dtype=float)])
+        self.losses = np.concatenate([self.losses, np.asarray(losses, dtype=float)])
+
+    def loss(self):
+        return float(self.losses.mean())
+
+    def accuracy(self, threshold=0.5):
+        return float((common.predict_labels(self.probabilities, threshold) == self.labels).mean())
+
+    def auc(self):
+        """ROC AUC, or None when only one class is present (it is undefined then)."""
+        if len(set(self.labels.tolist())) < 2:
+            return None
+        return float(roc_auc_score(self.labels, self.probabilities))
+
+
+def gather_scores(scores, runtime):
+    """All processes' scores, in every process (so all of them take the same decisions)."""
+    if runtime.world_size == 1:
+        return scores
+    parts = [None] * runtime.world_size
+    dist.all_gather_object(parts, scores)
+    gathered = Scores()
+    for part in parts:
+        gathered.add(part.labels, part.probabilities, part.losses)
+    return gathered
+
+
+def cross_entropy_of_probabilities(labels, probabilities):
+    """Plain cross-entropy of each image, from its melanoma probability (clipped away from 0)."""
+    probability_of_truth = np.where(labels == common.MELANOMA, probabilities, 1 - probabilities)
+    return -np.log(np.clip(probability_of_truth, 1e-7, 1.0))
+
+
+def score_split(model, loader, device, description="Scoring", show_progress=True):
+    """Scores of a split, computed exactly as analysis.py and app.py score images."""
+    model = getattr(model, "module", model).eval()  # the bare model: no DDP collectives while scoring
+    amp_dtype = common.inference_amp_dtype(device)
+    scores = Scores()
+    for images, labels in tqdm(loader, description, leave=False, disable=not show_progress):
+        probabilities = common.melanoma_probabilities(model, images, device, amp_dtype)
+        labels = labels.numpy()
+        scores.add(labels, probabilities, cross_entropy_of_probabilities(labels, probabilities))
+    return scores
+
+
+def choose_threshold(scores, setting="auto", target_sensitivity=0.9):
+    """(threshold, the rule in plain words), from validation scores only."""
+    if setting != "auto":
+        return float(setting), f"fixed at {setting:g}, not chosen on data (--threshold or --preset)"
+    melanoma = np.sort(scores.probabilities[scores.labels == common.MELANOMA])[::-1]
+    if not len(melanoma):
+        return 0.5, "0.5, because the validation split has no melanoma to set a sensitivity target on"
+    # The k-th highest melanoma score catches k melanomas; the tolerance absorbs 0.9 * 10 = 9.000001.
+    needed = max(1, math.ceil(target_sensitivity * len(melanoma) - 1e-9))
+    rule = f"the highest threshold with validation sensitivity >= {target_sensitivity:g}"
+    return float(melanoma[needed - 1]), rule
+
+
+def validation_metrics(scores, threshold):
+    sensitivity, specificity = common.sensitivity_specificity(scores.labels, scores.probabilities, threshold)
+    return {
+        "auc": scores.auc(),
+        "loss": scores.loss(),
+        "accuracy": scores.accuracy(threshold),
+        "sensitivity": finite_or_none(sensitivity),
+        "specificity": finite_or_none(specificity),
+    }
+
+
+def finite_or_none(value):
+    return value if value is not None and math.isfinite(value) else None
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def accumulation_groups(num_samples, batch_size, accumulation_steps):
+    """Images in each optimiser step's group of micro-batches; the epoch's last group may be short."""
+    sizes = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+    return [sum(sizes[i : i + accumulation_steps]) for i in range(0, len(sizes), accumulation_steps)]
+
+
+@dataclass
+class Trainer:
+    """One model's optimisation: accumulated steps, mixed precision, an optional per-step schedule."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    accumulation_steps: int = 1
+    class_weights: torch.Tensor | None = None
+    step_scheduler: LambdaLR | None = None
+    scaler: torch.amp.GradScaler = None
+
+    def __post_init__(self):
+        if self.scaler is None:
+            # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def train_one_epoch(self, loader, description="Training", show_progress=True):
+        """One pass over `loader`. Each micro-batch's summed loss is divided by the number of images
+        in its accumulation group, so every step follows the mean loss of exactly the images it saw
+        (batch 8 x 4 steps like batch 32 x 1), and a short last group is applied, not dropped."""
+        self.model.train()
+        groups = accumulation_groups(len(loader.sampler), loader.batch_size, self.accumulation_steps)
+        scores = Scores()
+        bar = tqdm(loader, description, disable=not show_progress)
+        for index, (images, labels) in enumerate(bar):
+            group = index // self.accumulation_steps
+            ends_group = index + 1 == min((group + 1) * self.accumulation_steps, len(loader))
+            images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            with self.gradient_sync(ends_group):
+                with common.autocast(self.device, self.amp_dtype):
+                    logits = self.model(images)
+                losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+                self.scaler.scale(losses.sum() / groups[group]).backward()
+            if ends_group:
+                self.step()
+            probabilities = torch.softmax(logits.detach().float(), dim=1)[:, common.MELANOMA]
+            scores.add(labels.cpu(), probabilities.cpu(), losses.detach().cpu())
+            bar.set_postfix(loss=f"{scores.loss():.4f}", acc=f"{100 * scores.accuracy():.1f}%")
+        return scores
+
+    def gradient_sync(self, ends_group):
+        """DDP averages gradients across processes only on the micro-batch that ends a group."""
+        if ends_group or not isinstance(self.model, DistributedDataParallel):
+            return nullcontext()
+        return self.model.no_sync()
+
+    def step(self):
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.step_scheduler is not None:
+            self.step_scheduler.step()
+
+
+def class_weights(labels, mode, device):
+    """Inverse class frequency ('balanced'), mean weight 1: a no-op on balanced training data."""
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=len(common.CLASS_NAMES))
+    return torch.tensor(len(labels) / (len(counts) * counts), dtype=torch.float32, device=device)
+
+
+def warmup_cosine(warmup_steps, total_steps):
+    """LR factor per optimiser step: linear warm-up (a new random head must not wreck the
+    pretrained backbone with large early steps), then cosine decay to 0 at the last epoch."""
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_model(args, runtime, resume_state):
+    """The model on its device; under DDP only rank 0 loads pretrained weights (DDP copies them)."""
+    torch.manual_seed(args.seed)  # the new head starts the same in every run with this seed
+    weights = args.weights if runtime.is_main and resume_state is None else "none"
+    model = common.SkinLesionModel(weights=weights)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model_state"])
+    model = model.to(runtime.device, memory_format=torch.channels_last)
+    if runtime.world_size > 1:
+        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def build_trainer(args, runtime, model, loader):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step_scheduler = None
+    if args.schedule == "cosine":
+        steps_per_epoch = len(
+            accumulation_groups(len(loader.sampler), args.batch_size, args.accumulation_steps)
+        )
+        warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
+        step_scheduler = LambdaLR(optimizer, warmup_cosine(warmup_steps, args.epochs * steps_per_epoch))
+    labels = np.asarray(loader.dataset.dataset.labels)  # the SkinLesionDataset inside the augmentation
+    return Trainer(
+        model,
+        optimizer,
+        runtime.device,
+        runtime.amp_dtype,
+        args.accumulation_steps,
+        class_weights(labels, args.class_weights, runtime.device),
+        step_scheduler,
+    )
+
+
+def plateau_scheduler(args, trainer, monitor):
+    """The original's schedule: LR x0.1 once the monitored metric has not improved for 2 epochs."""
+    if args.schedule != "plateau":
+        return None
+    return ReduceLROnPlateau(
+        trainer.optimizer, mode="max" if monitor == "val_auc" else "min", factor=0.1, patience=2
+    )
+
+
+def resolve_monitor(args, val_labels, runtime):
+    """'val_auc' when asked for and defined; a validation split of one class falls back to loss."""
+    if args.monitor == "auc" and len(set(val_labels)) == 2:
+        return "val_auc"
+    if args.monitor == "auc":
+        runtime.log(
+            "Note: the validation split holds one class only, so AUC is undefined: monitoring val loss."
+        )
+    return "val_loss"
+
+
+def improved(value, best, monitor):
+    if best is None:
+        return True
+    return value > best if monitor == "val_auc" else value < best
+
+
+@dataclass
+class Progress:
+    """What survives an interruption besides the weights and optimiser (see `last_checkpoint`)."""
+
+    history: dict
+    epoch: int = 0  # epochs completed
+    best_value: float | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+def new_history(monitor, runtime, args):
+    return {
+        "monitor": monitor,
+        "best_epoch": None,
+        "amp": common.amp_name(runtime.amp_dtype),
+        "device": runtime.device.type,
+        "settings": vars(args),
+        "epochs": [],
+    }
+
+
+def epoch_record(epoch, train, val, lr, seconds):
+    return {
+        "epoch": epoch,
+        "train_loss": train.loss(),
+        "train_accuracy": train.accuracy(),
+        "train_auc": train.auc(),
+        "val_loss": val.loss(),
+        "val_accuracy": val.accuracy(),
+        "val_auc": val.auc(),
+        "lr": lr,
+        "seconds": round(seconds, 2),
+    }
+
+
+def summary_line(record, epochs, is_best):
+    auc = "n/a" if record["val_auc"] is None else f"{record['val_auc']:.4f}"
+    return (
+        f"Epoch [{record['epoch']}/{epochs}] - Train Loss: {record['train_loss']:.4f}, "
+        f"Train Accuracy: {100 * record['train_accuracy']:.2f}%, Val Loss: {record['val_loss']:.4f}, "
+        f"Val Accuracy: {100 * record['val_accuracy']:.2f}%, Val AUC: {auc}, LR: {record['lr']:.2e}, "
+        f"{record['seconds']:.0f}s" + (f" (best so far: saved {BEST_CHECKPOINT})" if is_best else "")
+    )
+
+
+def save_best(args, trainer, val_scores, epoch, out, monitor):
+    threshold, rule = choose_threshold(val_scores, args.threshold, args.target_sensitivity)
+    meta = common.checkpoint_metadata(
+        image_size=args.image_size,
+        threshold=threshold,
+        weights=args.weights,
+        epoch=epoch,
+        val_metrics=validation_metrics(val_scores, threshold),
+        threshold_rule=rule,
+        monitor=monitor,
+        training_amp=common.amp_name(trainer.amp_dtype),
+        settings=vars(args),
+    )
+    common.save_checkpoint(out / BEST_CHECKPOINT, trainer.model, meta)
+
+
+def save_last_checkpoint(path, args, trainer, plateau, progress):
+    """Everything --resume needs. No RNG state: every random stream is re-derived from
+    (seed, epoch, process, image), so the next epoch draws the same numbers either way."""
+    model = getattr(trainer.model, "module", trainer.model)
+    common.atomic_torch_save(
+        {
+            "args": vars(args),
+            "model_state": model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict(),
+            "step_scheduler": trainer.step_scheduler.state_dict() if trainer.step_scheduler else None,
+            "plateau": plateau.state_dict() if plateau else None,
+            "progress": vars(progress),
+        },
+        path,
+    )
+
+
+def load_last_checkpoint(path):
+    if not path.is_file():
+        raise common.UserError(f"{path}: nothing to resume (no last checkpoint in --out)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise common.UserError(f"{path}: not a readable last checkpoint ({type(error).__name__})") from None
+
+
+def restore(resume_state, trainer, plateau):
+    trainer.optimizer.load_state_dict(resume_state["optimizer"])
+    trainer.scaler.load_state_dict(resume_state["scaler"])
+    if trainer.step_scheduler is not None:
+        trainer.step_scheduler.load_state_dict(resume_state["step_scheduler"])
+    if plateau is not None:
+        plateau.load_state_dict(resume_state["plateau"])
+    return Progress(**resume_state["progress"])
+
+
+def run_epoch(args, runtime, trainer, loaders, epoch):
+    """Train one epoch, then score validation: (train scores, val scores) of all processes."""
+    loaders["train"].sampler.set_epoch(epoch)
+    # Dropout's stream, re-derived each epoch so that a resumed run draws the same numbers.
+    torch.manual_seed(derived_seed(args.seed, TRAINING_STREAM, epoch, runtime.rank))
+    description = f"Epoch {epoch + 1}/{args.epochs}"
+    train = trainer.train_one_epoch(loaders["train"], description, show_progress=runtime.is_main)
+    val = score_split(trainer.model, loaders["val"], runtime.device, "Validating", runtime.is_main)
+    return gather_scores(train, runtime), gather_scores(val, runtime)
+
+
+def train_model(args, runtime, resume_state=None):
+    """The training loop: best checkpoint on improvement, last checkpoint every epoch, early stop."""
+    out = Path(args.out)
+    loaders = {
+        "train": train_loader(args, runtime),
+        "val": eval_loader(Path(args.data) / "val", args, runtime),
+    }
+    val_labels = [label for _, label in common.list_prepared_images(Path(args.data) / "val")]
+    monitor = resolve_monitor(args, val_labels, runtime)
+    trainer = build_trainer(args, runtime, build_model(args, runtime, resume_state), loaders["train"])
+    plateau = plateau_scheduler(args, trainer, monitor)
+    if resume_state is None:
+        progress = Progress(new_history(monitor, runtime, args))
+    else:
+        progress = restore(resume_state, trainer, plateau)
+        runtime.log(f"Resuming after epoch {progress.epoch} of {args.epochs} from {out / LAST_CHECKPOINT}.")
+    while progress.epoch < args.epochs and not progress.stopped_early:
+        started = time.perf_counter()
+        train, val = run_epoch(args, runtime, trainer, loaders, progress.epoch)
+        progress.epoch += 1
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        record = epoch_record(progress.epoch, train, val, lr, time.perf_counter() - started)
+        value = record[monitor]
+        is_best = improved(value, progress.best_value, monitor)
+        if is_best:
+            progress.best_value, progress.epochs_without_improvement = value, 0
+            progress.history["best_epoch"] = progress.epoch
+            if runtime.is_main:
+                save_best(args, trainer, val, progress.epoch, out, monitor)
+        else:
+            progress.epochs_without_improvement += 1
+        progress.stopped_early = progress.epochs_without_improvement >= args.patience
+        if plateau is not None:
+            plateau.step(value)
+        progress.history["epochs"].append(record)
+        if runtime.is_main:
+            common.atomic_write_text(
+                out / HISTORY_FILE, json.dumps(progress.history, indent=2, allow_nan=False)
+            )
+            save_last_checkpoint(out / LAST_CHECKPOINT, args, trainer, plateau, progress)
+        runtime.log(summary_line(record, args.epochs, is_best))
+        if progress.stopped_early:
+            runtime.log(f"Early stopping: no better {monitor} for {args.patience} epochs.")
+    return out / BEST_CHECKPOINT
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_model(model, loader, device, threshold):
+    """Print accuracy, the classification report, ROC AUC, sensitivity and specificity at `threshold`."""
+    scores = score_split(model, loader, device, "Testing")
+    predicted = common.predict_labels(scores.probabilities, threshold)
+    sensitivity, specificity = common.sensitivity_specificity(scores.labels, scores.probabilities, threshold)
+    auc = scores.auc()
+    print(f"Test Accuracy: {100 * scores.accuracy(threshold):.2f}% ({len(scores.labels)} images)")
+    print("Classification Report:")
+    print(
+        classification_report(
+            scores.labels, predicted, labels=[0, 1], target_names=list(common.CLASS_NAMES), zero_division=0
+        )
+    )
+    print(f"ROC AUC: {'n/a (one class)' if auc is None else f'{auc:.4f}'}")
+    print(f"At threshold {threshold:.4f}: sensitivity {sensitivity:.4f}, specificity {specificity:.4f}")
+    return {
+        "accuracy": scores.accuracy(threshold),
+        "auc": auc,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+    }
+
+
+def evaluate_best_on_test(args, runtime, best_path):
+    if not has_test_split(args.data):
+        print(f"Note: {args.data}/test has no images, so there is no test evaluation.")
+        return
+    model, meta = common.load_checkpoint(best_path, runtime.device)
+    print(
+        f"Testing {best_path} (epoch {meta['epoch']}; threshold {meta['threshold']:.4f}, "
+        f"{meta['threshold_rule']})."
+    )
+    evaluate_model(
+        model,
+        eval_loader(Path(args.data) / "test", args, runtime, shard=False),
+        runtime.device,
+        meta["threshold"],
+    )
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def describe_weights(weights):
+    if weights == "none":
+        return "random initialisation (--weights none): expect a much weaker model than with ImageNet weights"
+    return f"{weights} (ImageNet-pretrained backbone, new 2-class head)"
+
+
+@common.exits_on_user_error
+def main(argv=None):
+    parser = get_args_parser()
+    args = parse_args(parser, argv)
+    resume_state = None
+    if args.resume:
+        resume_state = load_last_checkpoint(Path(args.out) / LAST_CHECKPOINT)
+        args = settings_for_resume(args, parser, resume_state["args"])
+    check_data_folder(args.data)
+    runtime = start_runtime(args)
+    try:
+        runtime.log(f"Weights: {describe_weights(args.weights)}.")
+        best_path = train_model(args, runtime, resume_state)
+        if runtime.is_main:
+            evaluate_best_on_test(args, runtime, best_path)
+    except KeyboardInterrupt:
+        print(f"Interrupted: continue with --resume --out {args.out}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        stop_runtime(runtime)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""model.py: accumulation, augmentation, threshold rule, a real tiny run, resume, torchrun, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY_IMAGE_SIZE, assert_one_line_error, make_prepared_folder, run_script
+from PIL import Image
+
+import common
+import model
+
+TINY_RUN = f"--image-size {TINY_IMAGE_SIZE} --batch-size 4 --accumulation-steps 2 --weights none".split()
+CHECKPOINT_KEYS = {"arch", "class_names", "image_size", "mean", "std", "threshold", "threshold_rule"}
+CHECKPOINT_KEYS |= {"weights", "epoch", "val_metrics", "versions", "model_state"}
+EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy", "train_auc", "val_loss", "val_accuracy", "val_auc"}
+EPOCH_KEYS |= {"lr", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tiny prepared tree of real sample images: 12 train, 8 val, 6 test."""
+    root = tmp_path_factory.mktemp("prepared")
+    for split, count in (("train", 6), ("val", 4), ("test", 3)):
+        make_prepared_folder(root / split, count=count)
+    return root
+
+
+def tiny_args(data, out, *extra):
+    return [*TINY_RUN, "--data", str(data), "--out", str(out), *map(str, extra)]
+
+
+# --- gradient accumulation -------------------------------------------------------------------
+
+
+def test_accumulation_groups_keep_the_short_last_group():
+    assert model.accumulation_groups(36, 8, 4) == [32, 4]
+    assert model.accumulation_groups(32, 8, 4) == [32]
+    assert model.accumulation_groups(5, 8, 4) == [5]
+
+
+def train_tiny_network(images, labels, batch_size, accumulation_steps):
+    """One epoch of a small conv net without batch-norm or dropout, so only accumulation differs."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    trainer = model.Trainer(
+        network,
+        torch.optim.SGD(network.parameters(), lr=0.5),
+        torch.device("cpu"),
+        accumulation_steps=accumulation_steps,
+        class_weights=torch.tensor([0.7, 1.6]),
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels), batch_size=batch_size
+    )
+    trainer.train_one_epoch(loader, show_progress=False)
+    return [parameter.detach().clone() for parameter in network.parameters()]
+
+
+@pytest.mark.parametrize("count", [32, 36])  # 36: the last group (4 images) is applied, not dropped
+def test_accumulated_micro_batches_update_like_one_big_batch(count):
+    generator = torch.Generator().manual_seed(1)
+    images, labels = (
+        torch.randn(count, 3, 8, 8, generator=generator),
+        torch.randint(2, (count,), generator=generator),
+    )
+    accumulated = train_tiny_network(images, labels, batch_size=8, accumulation_steps=4)
+    one_batch = train_tiny_network(images, labels, batch_size=32, accumulation_steps=1)
+    untouched = train_tiny_network(images, labels, batch_size=32, accumulation_steps=1000)
+    for mine, reference in zip(accumulated, one_batch, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    # The comparison means something: a different grouping gives a different result.
+    if count == 36:
+        assert not torch.allclose(untouched[0], one_batch[0])
+
+
+# --- augmentation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("augmentation", ["ours", "original"])
+def test_train_augmentation_adds_no_fill(augmentation):
+    """Every geometric change (crop, flip, quarter turn) of a uniform image stays uniform: no
+    black corners or borders appear, whatever the random draw."""
+    transform = model.train_transform(TINY_IMAGE_SIZE, augmentation)
+    uniform = Image.new("RGB", (90, 60), (180, 120, 90))
+    torch.manual_seed(0)
+    for _ in range(20):
+        image = transform(uniform)
+        assert image.shape == (3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+        assert image.flatten(1).std(dim=1).max() < 1e-3
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(prepared):
+    images = common.SkinLesionDataset(prepared / "train", model.train_transform(TINY_IMAGE_SIZE))
+    dataset = model.ReproducibleAugmentation(images, seed=3)
+    before = torch.random.get_rng_state()
+    first, label = dataset[(0, 1)]
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
+    assert torch.equal(dataset[(0, 1)][0], first) and label == images.labels[1]
+    assert not torch.equal(dataset[(1, 1)][0], first)
+    assert not torch.equal(model.ReproducibleAugmentation(images, seed=4)[(0, 1)][0], first)
+
+
+# --- the decision threshold -------------------------------------------------------------------
+
+
+def scores(labels, probabilities):
+    return model.Scores(np.array(labels), np.array(probabilities, dtype=float), np.zeros(len(labels)))
+
+
+def test_threshold_is_the_highest_reaching_the_target_sensitivity():
+    validation = scores(
+        [1] * 10 + [0] * 3, [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1, 0.2, 0.25, 0.05]
+    )
+    threshold, rule = model.choose_threshold(validation, "auto", 0.9)
+    assert threshold == 0.3  # catches 9 of 10 melanomas (0.9 exactly, despite 0.9 * 10 = 9.000...1)
+    sensitivity, specificity = common.sensitivity_specificity(
+        validation.labels, validation.probabilities, threshold
+    )
+    assert sensitivity == 0.9 and specificity == 1.0
+    assert "sensitivity >= 0.9" in rule
+    assert model.choose_threshold(validation, "auto", 1.0)[0] == 0.1
+
+
+def test_fixed_and_fallback_thresholds():
+    threshold, rule = model.choose_threshold(scores([1, 0], [0.9, 0.1]), 0.5, 0.9)
+    assert threshold == 0.5 and "fixed at 0.5" in rule
+    threshold, rule = model.choose_threshold(scores([0, 0], [0.9, 0.1]), "auto", 0.9)
+    assert threshold == 0.5 and "no melanoma" in rule
+
+
+# --- presets and settings ---------------------------------------------------------------------
+
+
+def test_preset_original_sets_its_recipe_and_explicit_flags_win():
+    parser = model.get_args_parser()
+    ours = model.parse_args(parser, [])
+    assert (ours.schedule, ours.class_weights, ours.threshold, ours.augmentation) == (
+        "cosine",
+        "balanced",
+        "auto",
+        "ours",
+    )
+    original = model.parse_args(model.get_args_parser(), ["--preset", "original", "--lr", "0.01"])
+    assert (original.schedule, original.monitor, original.class_weights) == ("plateau", "loss", "none")
+    assert (original.threshold, original.augmentation, original.weight_decay) == (0.5, "original", 1e-5)
+    assert original.lr == 0.01
+
+
+def test_resume_refuses_to_change_what_the_run_computes():
+    parser = model.get_args_parser()
+    saved = vars(model.parse_args(parser, ["--lr", "0.001", "--data", "old"]))
+    args = model.parse_args(parser, ["--resume", "--workers", "0"])
+    merged = model.settings_for_resume(args, parser, saved)
+    assert (merged.lr, merged.data, merged.workers, merged.resume) == (0.001, "old", 0, True)
+    with pytest.raises(common.UserError, match="--lr"):
+        model.settings_for_resume(model.parse_args(parser, ["--resume", "--lr", "0.5"]), parser, saved)
+
+
+# --- real runs ----------------------------------------------------------------------------------
+
+
+def test_training_run_writes_checkpoint_history_and_tests(prepared, tmp_path):
+    """A user's run on the CPU: notice, per-epoch lines, loadable checkpoint, history, test report."""
+    result = run_script("model.py", *tiny_args(prepared, tmp_path, "--epochs", 2, "--workers", 1))
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU found" in result.stdout and "random initialisation" in result.stdout
+    assert "Epoch [1/2] - Train Loss:" in result.stdout and "Val AUC:" in result.stdout
+    assert "Classification Report:" in result.stdout and "ROC AUC:" in result.stdout
+
+    saved = torch.load(tmp_path / model.BEST_CHECKPOINT, weights_only=True)
+    assert saved.keys() >= CHECKPOINT_KEYS
+    assert saved["image_size"] == TINY_IMAGE_SIZE and saved["weights"] == "none"
+    assert set(saved["val_metrics"]) == {"auc", "loss", "accuracy", "sensitivity", "specificity"}
+    assert saved["val_metrics"]["sensitivity"] >= 0.9  # the rule holds on the split it was chosen on
+    loaded, meta = common.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
+    assert meta["threshold"] == saved["threshold"]
+
+    history = json.loads((tmp_path / model.HISTORY_FILE).read_text())
+    assert (history["monitor"], history["device"]) == ("val_auc", "cpu")
+    assert history["amp"] == common.amp_name(common.choose_amp_dtype(torch.device("cpu")))
+    assert [epoch["epoch"] for epoch in history["epochs"]] == [1, 2]
+    assert all(set(epoch) == EPOCH_KEYS for epoch in history["epochs"])
+    assert history["best_epoch"] == saved["epoch"]
+    assert (tmp_path / model.LAST_CHECKPOINT).is_file()
+
+
+def test_one_class_validation_gives_null_auc_and_the_original_preset_runs(tmp_path):
+    """--preset original end to end (plateau schedule, fixed 0.5); AUC is JSON null, not NaN."""
+    make_prepared_folder(tmp_path / "data" / "train", count=3)
+    make_prepared_folder(tmp_path / "data" / "val", count=3, labels=(0,))
+    args = tiny_args(
+        tmp_path / "data", tmp_path / "out", "--preset", "original", "--epochs", 1, "--workers", 0
+    )
+    model.main([*args, "--monitor", "auc"])
+    history = json.loads((tmp_path / "out" / model.HISTORY_FILE).read_text())
+    assert history["monitor"] == "val_loss" and history["epochs"][0]["val_auc"] is None
+    saved = torch.load(tmp_path / "out" / model.BEST_CHECKPOINT, weights_only=True)
+    assert saved["threshold"] == 0.5 and saved["val_metrics"]["auc"] is None
+    assert saved["val_metrics"]["sensitivity"] is None  # no melanoma in validation
+
+
+def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
+    """Interrupted after epoch 1, then resumed (with a loader worker this time): the same weights
+    and history as a run that was never interrupted."""
+    run = ["--epochs", 2, "--patience", 5]
+    model.main(tiny_args(prepared, tmp_path / "whole", *run, "--workers", 0))
+
+    save_last = model.save_last_checkpoint
+
+    def save_then_interrupt(path, args, trainer, plateau, progress):
+        save_last(path, args, trainer, plateau, progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "save_last_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as interrupted:
+        model.main(tiny_args(prepared, tmp_path / "resumed", *run, "--workers", 0))
+    assert interrupted.value.code == 130
+    monkeypatch.setattr(model, "save_last_checkpoint", save_last)
+    model.main(["--resume", "--out", str(tmp_path / "resumed"), "--workers", "1"])
+
+    whole, resumed = (
+        json.loads((tmp_path / run / model.HISTORY_FILE).read_text()) for run in ("whole", "resumed")
+    )
+    for history in (whole, resumed):
+        del history["settings"]["out"]
+        for epoch in history["epochs"]:
+            del epoch["seconds"]
+    assert resumed == whole
+    whole, resumed = (
+        torch.load(tmp_path / run / model.BEST_CHECKPOINT)["model_state"] for run in ("whole", "resumed")
+    )
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_a_loadable_checkpoint(prepared, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "model.py"),
+        *tiny_args(prepared, tmp_path, "--epochs", 1, "--workers", 0),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Epoch [1/1]") == 1  # only rank 0 prints
+    assert "2 process(es)" in result.stdout
+    loaded, meta = common.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
+    history = json.loads((tmp_path / model.HISTORY_FILE).read_text())
+    assert meta["epoch"] == 1 and history["epochs"][0]["epoch"] == 1
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--threshold", "high"], "--threshold"),
+        (["--amp", "fp16", "--device", "cpu"], "fp16"),
+        (["--device", "cuda"], "CUDA"),
+        (["--weights", "missing.pth"], "missing.pth"),
+        (["--resume"], "nothing to resume"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(prepared, tmp_path, extra, message):
+    result = run_script("model.py", *tiny_args(prepared, tmp_path, "--epochs", 1), *extra)
+    assert_one_line_error(result)
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no val", "one class"])
+def test_missing_or_unusable_data_is_a_one_line_error(tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    if layout != "missing":
+        (data / "train").mkdir(parents=True)
+    if layout in ("no val", "one class"):
+        make_prepared_folder(data / "train", count=2, labels=(1,) if layout == "one class" else (0, 1))
+    if layout == "one class":
+        make_prepared_folder(data / "val", count=2)
+    with pytest.raises(SystemExit) as exit_info:
+        model.main(tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 0))
+    captured = capsys.readouterr()
+    assert_one_line_error(
+        SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out, stderr=captured.err)
+    )
+    assert not (tmp_path / "out" / model.BEST_CHECKPOINT).exists()
