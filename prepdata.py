@@ -35,8 +35,8 @@ SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("split", "file", "label", "source_image", "lesion_id", "augmented")
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
 # 4:3 dermoscopy images stored at 512x384 keep a 384-pixel short side: training at 384 pixels
-# never upsamples, while 10,000 files decode ~25% faster than at 600x450 (and camera-sized
-# photos many times faster).
+# never upsamples, while every epoch decodes 27% fewer pixels than at 600x450 (and camera-sized
+# photos become small files).
 DEFAULT_MAX_SIDE = 512
 # For sources that are not RGB JPEGs (PNG, TIFF, greyscale JPEG); JPEG sources keep their own
 # quantisation tables so augmented copies compress like the originals they sit beside.
@@ -61,6 +61,7 @@ def get_args_parser():
     )
     parser.add_argument(
         "--csv",
+        metavar="PATH",
         type=Path,
         default=Path("GroundTruth.csv"),
         help="labels: one-hot ground truth with a MEL column (ISIC 2018/2019, Kaggle HAM10000) "
@@ -68,6 +69,7 @@ def get_args_parser():
     )
     parser.add_argument(
         "--images",
+        metavar="FOLDER",
         type=Path,
         default=Path("images"),
         help="folder holding <image id>.jpg (or .png, ...) for each CSV row; never modified "
@@ -75,13 +77,18 @@ def get_args_parser():
     )
     parser.add_argument(
         "--metadata",
+        metavar="PATH",
         type=Path,
         default=None,
         help="HAM10000-style metadata CSV with lesion_id and image_id, so that no lesion lands in "
         "two splits (default: HAM10000_metadata.csv or metadata.csv beside --csv, when present)",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("prepared_dataset"), help="output folder (default: prepared_dataset)"
+        "--out",
+        metavar="FOLDER",
+        type=Path,
+        default=Path("prepared_dataset"),
+        help="output folder (default: prepared_dataset)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
@@ -96,11 +103,16 @@ def get_args_parser():
         "e.g. 0 0 1 to score a new data set (default: 0.7 0.2 0.1)",
     )
     parser.add_argument(
-        "--seed", type=int, default=42, help="seed of the split and of the augmentation (default: 42)"
+        "--seed",
+        metavar="N",
+        type=int,
+        default=42,
+        help="seed of the split and of the augmentation (default: 42)",
     )
     balance = parser.add_mutually_exclusive_group()
     balance.add_argument(
         "--balance-ratio",
+        metavar="RATIO",
         type=float,
         default=1.0,
         help="augment training melanomas until melanoma = RATIO x non-melanoma (default: 1.0)",
@@ -110,6 +122,7 @@ def get_args_parser():
     )
     parser.add_argument(
         "--max-side",
+        metavar="N",
         type=int,
         default=DEFAULT_MAX_SIDE,
         help="shrink images whose longer side exceeds N pixels; 0 keeps every image at full size "
@@ -117,6 +130,7 @@ def get_args_parser():
     )
     parser.add_argument(
         "--workers",
+        metavar="N",
         type=int,
         default=available_cores(),
         help="processes that decode, augment and write images; 1 runs in this process "
@@ -316,10 +330,7 @@ def strip_image_suffix(image_id):
 
 def lesion_ids(args, columns, rows):
     """{image id: lesion id} from --metadata, the label CSV itself, or a metadata file beside it."""
-    beside = (args.csv.parent / name for name in METADATA_NAMES)
-    path = args.metadata or (
-        args.csv if "lesion_id" in columns else next((p for p in beside if p.is_file()), None)
-    )
+    path = args.metadata or (args.csv if "lesion_id" in columns else metadata_beside(args.csv))
     if path is None:
         print(
             f"No lesion ids: no {' or '.join(METADATA_NAMES)} beside {args.csv} (name one with --metadata). "
@@ -337,6 +348,11 @@ def lesion_ids(args, columns, rows):
         for _, row in rows
         if row.get("lesion_id") and row.get(image_column)
     }
+
+
+def metadata_beside(csv_path):
+    found = [csv_path.parent / name for name in METADATA_NAMES if (csv_path.parent / name).is_file()]
+    return found[0] if found else None
 
 
 def find_image_files(folder):
