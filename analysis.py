@@ -117,6 +117,10 @@ def bounded_int(text, minimum):
 # --- reading the inputs ----------------------------------------------------------------------
 
 
+HISTORY_CURVES = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "ROC AUC"))
+HISTORY_KEYS = ("epoch", *(f"{split}_{key}" for split in ("train", "val") for key, _ in HISTORY_CURVES))
+
+
 def read_history(path):
     """The training history dict, or None when the file does not exist."""
     path = Path(path)
@@ -126,11 +130,18 @@ def read_history(path):
         history = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise common.UserError(f"{path}: not a readable training history ({error})") from None
-    if not isinstance(history, dict) or not isinstance(history.get("epochs"), list):
-        raise common.UserError(f"{path}: not a training history (no 'epochs' list)")
-    if not all(isinstance(epoch, dict) and "epoch" in epoch for epoch in history["epochs"]):
-        raise common.UserError(f"{path}: every entry of 'epochs' needs an 'epoch' number")
+    if not isinstance(history, dict) or not isinstance(history.get("epochs"), list) or not history["epochs"]:
+        raise common.UserError(f"{path}: not a training history (no 'epochs' list with at least one epoch)")
+    for epoch in history["epochs"]:
+        if not isinstance(epoch, dict) or not all(is_number_or_null(epoch.get(key)) for key in HISTORY_KEYS):
+            raise common.UserError(
+                f"{path}: every epoch needs numbers (or null) for {', '.join(HISTORY_KEYS)}"
+            )
     return history
+
+
+def is_number_or_null(value):
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def class_distribution(data_folder):
@@ -256,6 +267,9 @@ def has_both_classes(labels):
     return len(np.unique(labels)) == 2
 
 
+COUNT_NAMES = ("true_positive", "false_negative", "false_positive", "true_negative")
+
+
 def confusion_counts(labels, predicted):
     positives, flagged = labels == common.MELANOMA, predicted == common.MELANOMA
     return {
@@ -269,9 +283,7 @@ def confusion_counts(labels, predicted):
 def metrics_at_threshold(labels, probabilities, threshold):
     """Counts and the metrics of the decisions at `threshold`; None where undefined."""
     counts = confusion_counts(labels, common.predict_labels(probabilities, threshold))
-    tp, fn, fp, tn = (
-        counts[k] for k in ("true_positive", "false_negative", "false_positive", "true_negative")
-    )
+    tp, fn, fp, tn = (counts[name] for name in COUNT_NAMES)
     sensitivity, specificity = map(defined, common.sensitivity_specificity(labels, probabilities, threshold))
     return counts, {
         "accuracy": ratio(tp + tn, len(labels)),
@@ -385,6 +397,26 @@ def bootstrap_intervals(labels, probabilities, threshold, resamples, seed):
     return {name: percentile_interval(values) for name, values in samples.items()}
 
 
+def wilson_interval(successes, trials, z=1.959964):
+    """95% Wilson score interval of a proportion; None without trials.
+
+    Unlike a bootstrap, it stays honest at 0% or 100% and for a handful of images: 2 of 2
+    melanomas found gives 34% to 100%, where every bootstrap resample says exactly 100%.
+    """
+    if not trials:
+        return None
+    rate = successes / trials
+    centre = (rate + z**2 / (2 * trials)) / (1 + z**2 / trials)
+    half_width = z * np.sqrt(rate * (1 - rate) / trials + z**2 / (4 * trials**2)) / (1 + z**2 / trials)
+    return [float(max(0.0, centre - half_width)), float(min(1.0, centre + half_width))]
+
+
+def rate_intervals(counts):
+    """Wilson intervals of sensitivity and specificity from the confusion counts."""
+    tp, fn, fp, tn = (counts[name] for name in COUNT_NAMES)
+    return {"sensitivity": wilson_interval(tp, tp + fn), "specificity": wilson_interval(tn, tn + fp)}
+
+
 def percentile_interval(values, level=0.95):
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
@@ -408,6 +440,7 @@ def evaluate(labels, probabilities, threshold, resamples, seed):
         "brier_score": float(np.mean((probabilities - labels) ** 2)),
         "expected_calibration_error": expected_calibration_error(labels, probabilities),
         "confidence_intervals_95": bootstrap_intervals(labels, probabilities, threshold, resamples, seed),
+        "wilson_intervals_95": rate_intervals(counts),
         "bootstrap_resamples": resamples,
         "bootstrap_seed": seed,
         "confusion_matrix": counts,
@@ -484,13 +517,13 @@ def plot_confusion_matrix(counts, threshold):
     axes.set_yticks([0, 1], names)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
-    axes.set_title(f"Confusion matrix at threshold {threshold:.3f}")
+    axes.set_title(f"Confusion matrix at threshold {threshold:.4f}")
     figure.colorbar(image, ax=axes, label="share of the true class")
     return figure
 
 
 def mark_operating_point(axes, x, y, threshold):
-    axes.plot(x, y, "o", color="tab:red", markersize=9, label=f"threshold {threshold:.3f}", zorder=3)
+    axes.plot(x, y, "o", color="tab:red", markersize=9, label=f"threshold {threshold:.4f}", zorder=3)
 
 
 def plot_roc_curve(labels, probabilities, result):
@@ -544,7 +577,7 @@ def plot_threshold_curve(labels, probabilities, threshold):
         if not np.all(np.isnan(rates[:, column])):
             # "pre": a rate holds on (previous threshold, this one], since it counts p >= threshold.
             axes.step(thresholds, rates[:, column], where="pre", color=colour, label=name)
-    axes.axvline(threshold, linestyle="--", color="black", label=f"stored threshold {threshold:.3f}")
+    axes.axvline(threshold, linestyle="--", color="black", label=f"stored threshold {threshold:.4f}")
     axes.set_xlim(0, 1)
     axes.set_ylim(-0.02, 1.02)
     axes.set_xlabel("threshold on the melanoma probability")
@@ -585,9 +618,7 @@ def history_series(history, key):
 def plot_learning_curves(history):
     epochs = history_series(history, "epoch")
     figure = new_figure(12, 3.8)
-    for axes, (key, title) in zip(
-        figure.subplots(1, 3), (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "ROC AUC")), strict=True
-    ):
+    for axes, (key, title) in zip(figure.subplots(1, 3), HISTORY_CURVES, strict=True):
         for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
             values = history_series(history, f"{split}_{key}")
             if not np.all(np.isnan(values)):
@@ -598,7 +629,8 @@ def plot_learning_curves(history):
         axes.set_xlabel("epoch")
         axes.set_ylabel(title.lower())
         axes.set_title(title)
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:  # an empty legend warns
+            axes.legend()
     return figure
 
 
@@ -628,7 +660,7 @@ def plot_misclassified(missed, alarms, threshold, per_kind):
     sections = [section for section in sections if section[2]]
     if not sections:
         return undefined_figure(
-            "Misclassified images", f"No image is misclassified at threshold {threshold:.3f}."
+            "Misclassified images", f"No image is misclassified at threshold {threshold:.4f}."
         )
     rows_per_section = [-(-len(errors) // GALLERY_COLUMNS) for _, _, errors in sections]
     figure = new_figure(2.3 * GALLERY_COLUMNS, 2.3 * sum(rows_per_section) + 0.4)
@@ -643,7 +675,7 @@ def plot_misclassified(missed, alarms, threshold, per_kind):
             )
         first_row += rows
     figure.suptitle(
-        f"Worst errors at threshold {threshold:.3f}: {len(missed)} missed melanomas, {len(alarms)} "
+        f"Worst errors at threshold {threshold:.4f}: {len(missed)} missed melanomas, {len(alarms)} "
         f"false alarms (up to {per_kind} of each shown)"
     )
     return figure
@@ -653,7 +685,7 @@ def show_error(axes, error, kind, colour):
     thumbnail = common.load_image(error["path"], min_size=THUMBNAIL_SIZE)
     thumbnail.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     axes.imshow(thumbnail)
-    title = f"{kind}\n{shorten(error['file'])}\np(melanoma) = {error['probability']:.3f}"
+    title = f"{kind}\n{shorten(error['file'])}\np(melanoma) = {error['probability']:.4f}"
     axes.set_title(title, color=colour, fontsize=9)
 
 
@@ -685,7 +717,7 @@ def screening_paragraph(result):
     if n_melanoma:
         sensitivity = result["sensitivity"]
         sentences.append(
-            f"At the threshold {threshold:.3f}, the model flags {counts['true_positive']} of the "
+            f"At the threshold {threshold:.4f}, the model flags {counts['true_positive']} of the "
             f"{n_melanoma} melanomas in this folder ({percent(sensitivity)}{in_plain_words(sensitivity)}) "
             f"and misses {counts['false_negative']}."
         )
@@ -709,11 +741,11 @@ def screening_paragraph(result):
             f"melanoma makes up {percent(n_melanoma / result['n_images'])} of this folder, and where it is "
             f"rarer, fewer flagged lesions will be melanomas."
         )
-    interval = result["confidence_intervals_95"]["sensitivity"]
+    interval = result["wilson_intervals_95"]["sensitivity"]
     if interval:
         sentences.append(
             f"With {n_melanoma} melanomas, the true sensitivity could plausibly be anywhere from "
-            f"{percent(interval[0])} to {percent(interval[1])} (95% bootstrap interval)."
+            f"{percent(interval[0])} to {percent(interval[1])} (95% Wilson interval)."
         )
     sentences.append(
         f"These are measurements on {result['n_images']} images, not a clinical validation; "
@@ -764,9 +796,12 @@ def metric_lines(result):
         interval = result["confidence_intervals_95"].get(key)
         if interval:
             text += f"   95% CI {interval[0]:.3f} to {interval[1]:.3f}"
+        wilson = result["wilson_intervals_95"].get(key)
+        if wilson:
+            text += f" (Wilson {wilson[0]:.3f} to {wilson[1]:.3f})"
         threshold_key = OPERATING_POINT_THRESHOLDS.get(key)
         if threshold_key and result[threshold_key] is not None:
-            text += f"   (at threshold {result[threshold_key]:.3f})"
+            text += f"   (at threshold {result[threshold_key]:.4f})"
         lines.append(f"  {label:<34}{text}")
     return lines
 
@@ -815,7 +850,7 @@ def summary_report(result, context):
         "",
         f"Model:      {model['path']} (weights started from: {known(model['weights'])}; "
         f"epoch {known(model['epoch'])}; trained {known(model['trained_at'])})",
-        f"Threshold:  {result['threshold']:.3f} (chosen by: {known(model['threshold_rule'])})",
+        f"Threshold:  {result['threshold']:.4f} (chosen by: {known(model['threshold_rule'])})",
         f"Data:       {context['data']}: {result['n_images']:,} images, {result['n_melanoma']:,} "
         f"{MELANOMA_NAME}, {result['n_non_melanoma']:,} {NON_MELANOMA_NAME}",
         f"Scoring:    {context['device']}, {context['precision']}, test-time augmentation {tta}, "

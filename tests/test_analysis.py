@@ -215,6 +215,9 @@ def test_confidence_intervals_bracket_the_estimates(full_run):
         low, high = metrics["confidence_intervals_95"][name]
         assert 0 <= low <= metrics[name] <= high <= 1, name
     assert metrics["bootstrap_resamples"] == 200
+    for name in ("sensitivity", "specificity"):
+        low, high = metrics["wilson_intervals_95"][name]
+        assert 0 <= low <= metrics[name] <= high <= 1, name
 
 
 def test_report_explains_the_run(full_run):
@@ -227,7 +230,8 @@ def test_report_explains_the_run(full_run):
     assert f"It also flags {counts['false_positive']} of the 8 benign lesions" in paragraph
     assert "weights started from: none" in report
     assert "test-time augmentation off" in report
-    assert f"Threshold:  {THRESHOLD:.3f} (chosen by: fixed by the test)" in report
+    assert f"Threshold:  {THRESHOLD:.4f} (chosen by: fixed by the test)" in report
+    assert "true sensitivity could plausibly be anywhere from" in paragraph
     assert "learning_curves.png, from" in report
     assert "images/s" in printed and report in printed
 
@@ -275,6 +279,7 @@ def test_one_class_folder_reports_undefined_metrics(one_class_run):
         assert isinstance(metrics[name], float), name
     assert metrics["confidence_intervals_95"]["sensitivity"] is None
     assert metrics["confidence_intervals_95"]["roc_auc"] is None
+    assert metrics["wilson_intervals_95"]["sensitivity"] is None
     report = (results / "summary_report.txt").read_text()
     assert "This folder holds no melanomas" in report
     assert "Sensitivity (recall)              undefined (no melanomas)" in report
@@ -364,6 +369,15 @@ def test_bootstrap_is_seeded_and_skips_what_one_class_cannot_give():
     assert only_melanoma["sensitivity"][0] <= only_melanoma["sensitivity"][1]
 
 
+@pytest.mark.parametrize(
+    ("successes", "trials", "expected"),
+    [(2, 2, [0.3424, 1.0]), (0, 10, [0.0, 0.2775]), (45, 50, [0.7864, 0.9565]), (0, 0, None)],
+)
+def test_wilson_interval_matches_published_values(successes, trials, expected):
+    interval = analysis.wilson_interval(successes, trials)
+    assert interval == (None if expected is None else pytest.approx(expected, abs=1e-4))
+
+
 def test_plain_words_for_rates():
     assert analysis.in_plain_words(0.9) == ", about 9 in 10"
     assert analysis.in_plain_words(0.26) == ", about 1 in 4"
@@ -421,6 +435,9 @@ def bad_input_case(case, tmp_path, checkpoint):
     elif case == "corrupt history":
         args["--history"] = tmp_path / "history.json"
         args["--history"].write_text("{not json")
+    elif case == "history with text values":
+        args["--history"] = tmp_path / "history.json"
+        args["--history"].write_text(json.dumps({"epochs": [{"epoch": 1, "val_loss": "high"}]}))
     elif case == "unknown device":
         args["--device"] = "tpu9"
     return [str(item) for pair in args.items() for item in pair]
@@ -442,6 +459,7 @@ def assert_exits_2_with_one_line(args, capsys):
         "missing folder",
         "folder without mel_/nomel_ images",
         "corrupt history",
+        "history with text values",
         "unknown device",
     ],
 )
