@@ -1,0 +1,361 @@
+"""Serve best_model.pth: an upload page and a JSON API that answer Melanoma / Non-Melanoma, and why.
+
+    python app.py --model best_model.pth          # then open http://127.0.0.1:5000
+
+Routes: `GET /` (the page), `POST /api/predict` (field `file`; `?explain=1` adds a Grad-CAM
+heat map), `POST /` (the original project's route: the same answer plus `result`), `GET /healthz`.
+Every error is JSON `{"error": "..."}` with its HTTP status. Research tool, not a diagnosis.
+"""
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+import waitress
+from flask import Flask, Request, abort, current_app, jsonify, render_template, request
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from werkzeug.exceptions import HTTPException
+
+import common
+
+MB = 1024 * 1024
+DEFAULT_MAX_UPLOAD_MB = 20
+
+# The formats decoded on purpose, recognised by their first bytes, never by the file name or
+# the Content-Type the client claims. (WebP is RIFF....WEBP, checked in `detect_format`.)
+MAGIC_NUMBERS = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+}
+ALLOWED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP or TIFF"
+
+# Smaller than this there is no lesion to see: refused. Smaller than the model's input size,
+# or more elongated than MAX_ASPECT_RATIO, is scored with a warning (it gets stretched).
+MIN_IMAGE_SIDE = 32
+MAX_ASPECT_RATIO = 3.0
+HEATMAP_MAX_SIDE = 384
+
+
+class InMemoryRequest(Request):
+    """Keeps uploaded files in memory: Werkzeug spools files over 500 KB to a temporary file,
+    and uploads must never touch the disk. MAX_CONTENT_LENGTH bounds the memory."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+class Predictor:
+    """The checkpoint, loaded once, and the lock that lets one request at a time use it.
+
+    One model call at a time, with all torch threads, gives the lowest latency without
+    oversubscribing the cores; decoding and resizing still run in parallel in the server's
+    threads. The lock also keeps Grad-CAM's hooks away from concurrent plain predictions.
+    """
+
+    def __init__(self, checkpoint_path, device):
+        self.device = device
+        self.model, self.meta = common.load_checkpoint(checkpoint_path, device)
+        self.transform = common.checkpoint_transform(self.meta)
+        self.amp_dtype = common.inference_amp_dtype(device)
+        # Grad-CAM needs gradients only from the head down to its target layer: with every
+        # other weight frozen its backward pass stops there (about the cost of one forward).
+        self.cam_layer = self.model.efficientnet.features[-1]
+        self.model.requires_grad_(False)
+        self.cam_layer.requires_grad_(True)
+        self.lock = threading.Lock()
+
+    def summary(self):
+        return {key: self.meta.get(key) for key in ("arch", "image_size", "weights", "trained_at")}
+
+    def batch(self, image):
+        return self.transform(image).unsqueeze(0).to(self.device, memory_format=torch.channels_last)
+
+    def melanoma_probability(self, batch):
+        with self.lock:
+            probabilities = common.melanoma_probabilities(self.model, batch, self.device, self.amp_dtype)
+        return float(probabilities[0])
+
+    def label(self, probability):
+        return int(common.predict_labels([probability], self.meta["threshold"])[0])
+
+    def heatmap(self, batch, label):
+        """Grad-CAM for `label` on the last convolutional stage: (H, W) floats in [0, 1].
+
+        It runs in fp32: the library converts activations to NumPy, which has no bfloat16.
+        """
+        with self.lock:
+            cam = GradCAM(model=self.model, target_layers=[self.cam_layer])
+            # Not `with cam:`: its __exit__ silently swallows IndexError.
+            try:
+                return cam(input_tensor=batch, targets=[ClassifierOutputTarget(label)])[0]
+            finally:
+                cam.activations_and_grads.release()
+
+    def warm_up(self):
+        """Pay the first-call costs (kernel selection, allocations) before the first user does."""
+        size = self.meta["image_size"]
+        batch = self.batch(Image.new("RGB", (size, size), (180, 120, 100)))
+        self.heatmap(batch, self.label(self.melanoma_probability(batch)))
+
+
+def detect_format(head):
+    """The allowed format named by the first bytes of a file, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for name, prefixes in MAGIC_NUMBERS.items():
+        if head.startswith(prefixes):
+            return name
+    return None
+
+
+def read_upload():
+    """The bytes of the multipart field `file`; 400/415 for anything we will not decode."""
+    upload = request.files.get("file")
+    if upload is None:
+        abort(400, "no file: send the image as the multipart form field 'file'")
+    data = upload.read()
+    if not data:
+        abort(400, "the uploaded file is empty")
+    if detect_format(data[:16]) is None:
+        abort(415, f"unsupported file type: send a {ALLOWED_FORMATS_TEXT} image")
+    return data
+
+
+def decode_upload(data, image_size):
+    try:
+        image = common.load_image(io.BytesIO(data), min_size=image_size)
+    except common.ImageError as error:
+        abort(400, str(error))
+    if min(image.size) < MIN_IMAGE_SIDE:
+        abort(
+            400, f"image too small ({image.width}x{image.height}): each side needs {MIN_IMAGE_SIDE}+ pixels"
+        )
+    return image
+
+
+def image_warnings(image, image_size):
+    """Reasons the answer may be less reliable for this image (it is still scored)."""
+    warnings = []
+    if min(image.size) < image_size:
+        warnings.append(
+            f"the image ({image.width}x{image.height}) is smaller than the model's input "
+            f"({image_size}x{image_size}) and was enlarged: the result is less reliable"
+        )
+    if max(image.size) / min(image.size) > MAX_ASPECT_RATIO:
+        warnings.append(
+            "the image is very elongated and was squeezed into a square: the result is less reliable"
+        )
+    return warnings
+
+
+def heatmap_data_url(image, mask):
+    """The Grad-CAM mask laid over the upload (aspect kept, at most HEATMAP_MAX_SIDE), as a PNG."""
+    shown = image.copy()
+    shown.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
+    # The model saw the image squeezed to a square: stretching the mask back undoes that.
+    mask = np.asarray(Image.fromarray(mask).resize(shown.size, Image.Resampling.BILINEAR))
+    overlay = show_cam_on_image(np.asarray(shown, dtype=np.float32) / 255, mask, use_rgb=True)
+    png = io.BytesIO()
+    Image.fromarray(overlay).save(png, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
+
+
+def milliseconds_since(start):
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+def predict_upload(predictor, explain):
+    """Score the uploaded image: the JSON answer of both prediction routes."""
+    start = time.perf_counter()
+    image_size = predictor.meta["image_size"]
+    image = decode_upload(read_upload(), image_size)
+    batch = predictor.batch(image)
+    timing = {"decode": milliseconds_since(start)}
+
+    model_start = time.perf_counter()
+    probability = predictor.melanoma_probability(batch)
+    label = predictor.label(probability)
+    timing["model"] = milliseconds_since(model_start)
+    answer = {
+        "label": common.CLASS_NAMES[label],
+        "probability": round(probability, 6),
+        "threshold": predictor.meta["threshold"],
+        "model": predictor.summary(),
+        "warnings": image_warnings(image, image_size),
+    }
+    if explain:
+        heatmap_start = time.perf_counter()
+        answer["heatmap"] = heatmap_data_url(image, predictor.heatmap(batch, label))
+        timing["heatmap"] = milliseconds_since(heatmap_start)
+    timing["total"] = milliseconds_since(start)
+    return {**answer, "timing_ms": timing}
+
+
+def upload_limit_mb():
+    return current_app.config["MAX_CONTENT_LENGTH"] / MB
+
+
+def json_http_error(error):
+    """Flask's own errors (404, 405, 413, ...) and ours, as JSON; headers such as Allow kept."""
+    response = error.get_response()
+    response.data = json.dumps({"error": error.description})
+    response.content_type = "application/json"
+    return response
+
+
+def add_security_headers(response):
+    # Everything the page needs is served from here: no CDN, no inline script.
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def create_app(checkpoint_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB * MB):
+    """The Flask app serving `checkpoint_path` (raises common.CheckpointError if it cannot load)."""
+    predictor = Predictor(checkpoint_path, common.choose_device(device))
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.extensions["predictor"] = predictor
+    app.after_request(add_security_headers)
+    app.register_error_handler(HTTPException, json_http_error)
+
+    @app.errorhandler(413)
+    def upload_too_large(error):
+        error.description = f"the upload is larger than the {upload_limit_mb():g} MB limit"
+        return json_http_error(error)
+
+    @app.errorhandler(Exception)
+    def internal_error(error):
+        app.logger.exception("unexpected error while answering %s %s", request.method, request.path)
+        return jsonify(error="internal server error: the request could not be answered"), 500
+
+    @app.get("/")
+    def upload_page():
+        return render_template(
+            "upload.html",
+            model=predictor.summary(),
+            threshold=predictor.meta["threshold"],
+            max_upload_bytes=app.config["MAX_CONTENT_LENGTH"],
+            max_upload_mb=upload_limit_mb(),
+            formats=ALLOWED_FORMATS_TEXT,
+        )
+
+    @app.post("/api/predict")
+    def api_predict():
+        return jsonify(predict_upload(predictor, explain=request.args.get("explain") in ("1", "true")))
+
+    @app.post("/")
+    def original_predict():
+        """The original project's route: its `result` field, plus the API's fields."""
+        answer = predict_upload(predictor, explain=False)
+        return jsonify({"result": answer["label"], **answer})
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify(
+            status="ok",
+            model=predictor.summary(),
+            threshold=predictor.meta["threshold"],
+            device=str(predictor.device),
+            precision=common.amp_name(predictor.amp_dtype),
+            torch_threads=torch.get_num_threads(),
+        )
+
+    return app
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def serve(app, host, port, threads):
+    """Production serving with waitress and a bounded thread pool (never Flask's dev server)."""
+    # Request bodies stay in memory (never spooled to disk) up to twice the upload limit, so a
+    # moderately oversized upload still gets the app's JSON 413; waitress refuses anything
+    # larger from its Content-Length alone, before reading it (a plain-text 413).
+    body_limit = 2 * app.config["MAX_CONTENT_LENGTH"]
+    try:
+        server = waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            max_request_body_size=body_limit,
+            inbuf_overflow=body_limit,
+        )
+    except OSError as error:
+        raise common.UserError(
+            f"cannot listen on {host}:{port} ({error.strerror}); try another --port"
+        ) from None
+    print(f"Serving on http://{host}:{server.effective_port} (Ctrl+C to stop)", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        print("Stopped.")
+
+
+def get_args_parser():
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default="best_model.pth", help="checkpoint to serve (default: %(default)s)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=5000, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=4, help="waitress worker threads, i.e. requests in flight (default: 4)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="threads for one model call (default: the usable CPU cores; calls run one at a time)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help="largest accepted request, in MB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="Flask's development server in debug mode (for development only, never in production)",
+    )
+    return parser
+
+
+@common.exits_on_user_error
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if args.threads < 1 or (args.torch_threads is not None and args.torch_threads < 1):
+        raise common.UserError("--threads and --torch-threads must be at least 1")
+    if args.max_upload_mb <= 0:
+        raise common.UserError("--max-upload-mb must be positive")
+    torch.set_num_threads(args.torch_threads or available_cores())
+    app = create_app(args.model, args.device, int(args.max_upload_mb * MB))
+    app.extensions["predictor"].warm_up()
+    if args.debug:
+        app.run(host=args.host, port=args.port, debug=True, use_reloader=False)
+    else:
+        serve(app, args.host, args.port, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Benchmark app.py: latency per image size, requests/s with concurrent clients, peak memory.
+
+    .venv/bin/python bench/bench_app.py                        # random weights at 384 px
+    .venv/bin/python bench/bench_app.py --model best_model.pth # a trained checkpoint
+
+It starts `app.py` on 127.0.0.1 (a free port) as a user would, posts real images one at a time
+(600x450 from ../shared/data/ham10000_sample, 1024x768 to 3008x2000 from large_photos), then
+from several clients at once, and prints p50/p95 latency as the client sees it, requests/s,
+errors, and the server's peak resident memory. Speed does not depend on the weights' values, so
+without --model it serves a random-weight checkpoint. It also prints how far the probabilities of
+the precision the app scores in are from fp32 on real images, for the checkpoint served. It
+prints figures; it never fails on timing.
+"""
+
+import http.client
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SMALL_IMAGES = SHARED_DATA / "ham10000_sample" / "images"
+LARGE_PHOTOS = SHARED_DATA / "large_photos" / "images"
+
+
+# --- a client and a server, also used by tests/test_app.py and tests/test_browser.py --------
+
+
+@contextmanager
+def running_server(checkpoint, *app_args):
+    """`app.py --model checkpoint` on 127.0.0.1 with a free port: yields (base URL, process)."""
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", "0", *app_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # app.py prints its address once it is warmed up
+        if not line.startswith("Serving on "):
+            raise RuntimeError(f"app.py did not start (exit code {process.poll()}): {line!r}")
+        yield line.split()[2], process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def post_file(base_url, data, filename="upload.jpg", explain=False, path="/api/predict", timeout=120):
+    """POST `data` as the multipart field `file`: (HTTP status, decoded JSON, seconds taken)."""
+    boundary, body = encode_multipart({"file": FileStorage(io.BytesIO(data), filename)})
+    url = urllib.parse.urlsplit(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    start = time.perf_counter()
+    try:
+        connection.request(
+            "POST",
+            path + ("?explain=1" if explain else ""),
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        response = connection.getresponse()
+        payload = response.read()
+    finally:
+        connection.close()
+    return response.status, json.loads(payload), time.perf_counter() - start
+
+
+def get_json(base_url, path):
+    url = urllib.parse.urlsplit(base_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        connection.request("GET", path)
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+
+
+def post_concurrently(base_url, uploads, requests, clients):
+    """`requests` posts of `uploads` (cycled) from `clients` threads: (answers, seconds in all)."""
+    with ThreadPoolExecutor(clients) as pool:
+        start = time.perf_counter()
+        answers = list(pool.map(lambda i: post_file(base_url, uploads[i % len(uploads)]), range(requests)))
+        return answers, time.perf_counter() - start
+
+
+def precision_gap(checkpoint, paths):
+    """Largest |probability in the app's precision - fp32 probability| over the images `paths`."""
+    device = torch.device("cpu")
+    model, meta = common.load_checkpoint(checkpoint, device)
+    transform = common.checkpoint_transform(meta)
+    batch = torch.stack([transform(common.load_image(path, min_size=meta["image_size"])) for path in paths])
+    fp32 = common.melanoma_probabilities(model, batch, device, None)
+    served = common.melanoma_probabilities(model, batch, device, common.inference_amp_dtype(device))
+    return float(np.abs(served - fp32).max())
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def read_images(folder, count):
+    return [path.read_bytes() for path in sorted(folder.glob("*.jpg"))[:count]]
+
+
+def post_sequentially(base_url, uploads, requests, explain=False):
+    """`requests` posts made one after the other: [(answer, seconds)]."""
+    results = []
+    for index in range(requests):
+        status, answer, seconds = post_file(base_url, uploads[index % len(uploads)], explain=explain)
+        if status != 200:
+            raise RuntimeError(f"the app answered {status}: {answer}")
+        results.append((answer, seconds))
+    return results
+
+
+def percentile_ms(latencies, percent):
+    return 1000 * float(np.percentile(latencies, percent))
+
+
+def peak_memory_mb(process):
+    """The process's peak resident set size (Linux), in MB."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM line in /proc/PID/status")
+
+
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def report_latency(name, results, reference_ms=None):
+    """Print p50/p95 as the client saw them, and the server's own median decode and model times."""
+    latencies = [seconds for _, seconds in results]
+    p50 = percentile_ms(latencies, 50)
+    server = {
+        step: statistics.median(answer["timing_ms"][step] for answer, _ in results)
+        for step in ("decode", "model")
+    }
+    line = (
+        f"{name:<34} p50 {p50:6.1f} ms   p95 {percentile_ms(latencies, 95):6.1f} ms   "
+        f"(server: decode {server['decode']:.0f} ms, model {server['model']:.0f} ms; n={len(results)})"
+    )
+    if reference_ms:
+        line += f"   {p50 / reference_ms:.2f}x the 600x450 p50"
+    print(line, flush=True)
+    return p50
+
+
+def run_benchmark(args, checkpoint):
+    small, large = read_images(SMALL_IMAGES, args.requests), read_images(LARGE_PHOTOS, args.requests)
+    with running_server(checkpoint, "--threads", str(args.threads)) as (url, process):
+        print(f"server: {get_json(url, '/healthz')}", flush=True)
+        for upload in small[:2] + large[:2]:  # first requests pay one-off costs (connections, caches)
+            post_file(url, upload)
+        small_p50 = report_latency("600x450 (ham10000_sample)", post_sequentially(url, small, args.requests))
+        report_latency(
+            "1024x768-3008x2000 (large_photos)", post_sequentially(url, large, args.requests), small_p50
+        )
+        if args.explain:
+            report_latency("600x450 with ?explain=1", post_sequentially(url, small, args.requests, True))
+        answers, seconds = post_concurrently(url, small, args.load_requests, args.clients)
+        errors = sum(status != 200 for status, _, _ in answers)
+        print(
+            f"{args.clients} concurrent clients: {args.load_requests / seconds:.1f} requests/s, "
+            f"p50 {statistics.median(s for _, _, s in answers) * 1000:.0f} ms, "
+            f"errors {errors}/{args.load_requests}"
+        )
+        print(f"server peak memory (VmHWM): {peak_memory_mb(process):.0f} MB")
+
+
+def get_args_parser():
+    parser = common.ArgumentParser(description="Time app.py over HTTP on 127.0.0.1 with real images.")
+    add = parser.add_argument
+    add("--model", type=Path, default=None, help="checkpoint to serve (default: random weights)")
+    add("--image-size", type=int, default=384, help="image size of the random checkpoint (default: 384)")
+    add("--requests", type=int, default=40, help="sequential requests per image size (default: 40)")
+    add("--load-requests", type=int, default=100, help="requests in the concurrent run (default: 100)")
+    add("--clients", type=int, default=4, help="concurrent clients (default: 4)")
+    add("--threads", type=int, default=4, help="the server's --threads (default: 4)")
+    add("--explain", action="store_true", help="also time ?explain=1 (the Grad-CAM heat map)")
+    return parser
+
+
+@common.exits_on_user_error
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    for folder in (SMALL_IMAGES, LARGE_PHOTOS):
+        if not folder.is_dir():
+            raise common.UserError(f"{folder}: real images not found (see ../shared/data/README.md)")
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = args.model
+        if checkpoint is None:
+            checkpoint = Path(scratch) / "random_model.pth"
+            model = common.SkinLesionModel(weights="none")
+            common.save_checkpoint(checkpoint, model, common.checkpoint_metadata(image_size=args.image_size))
+        _, meta = common.load_checkpoint(checkpoint)
+        weights = meta["weights"] if args.model else "random"
+        print(f"{cpu_name()}, torch {torch.__version__}, {meta['image_size']} px, weights: {weights}")
+        run_benchmark(args, checkpoint)
+        photos = sorted(SMALL_IMAGES.glob("*.jpg"))[:8] + sorted(LARGE_PHOTOS.glob("*.jpg"))
+        gap = precision_gap(checkpoint, photos)
+        print(f"max |probability - fp32 probability| over {len(photos)} real images: {gap:.5f}")
+
+
+if __name__ == "__main__":
+    main()
