@@ -263,19 +263,33 @@ def test_torchrun_two_cpu_processes_train_a_loadable_checkpoint(prepared, tmp_pa
 # --- bad input ----------------------------------------------------------------------------------
 
 
+def run_main(argv, capsys):
+    """model.main in this process (no interpreter start-up), as a CompletedProcess-like result."""
+    with pytest.raises(SystemExit) as exit_info:
+        model.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out, stderr=captured.err)
+
+
+def test_a_bad_flag_is_one_line_on_the_command_line(prepared, tmp_path):
+    result = run_script("model.py", *tiny_args(prepared, tmp_path), "--batch-size", "0")
+    assert_one_line_error(result)
+    assert "--batch-size" in result.stderr
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--batch-size", "0"], "--batch-size"),
         (["--threshold", "high"], "--threshold"),
+        (["--target-sensitivity", "0"], "--target-sensitivity"),
         (["--amp", "fp16", "--device", "cpu"], "fp16"),
         (["--device", "cuda"], "CUDA"),
         (["--weights", "missing.pth"], "missing.pth"),
         (["--resume"], "nothing to resume"),
     ],
 )
-def test_bad_flags_are_one_line_errors(prepared, tmp_path, extra, message):
-    result = run_script("model.py", *tiny_args(prepared, tmp_path, "--epochs", 1), *extra)
+def test_bad_flags_are_one_line_errors(prepared, tmp_path, capsys, extra, message):
+    result = run_main([*tiny_args(prepared, tmp_path, "--epochs", 1, "--workers", 0), *extra], capsys)
     assert_one_line_error(result)
     assert message in result.stderr
 
@@ -289,10 +303,6 @@ def test_missing_or_unusable_data_is_a_one_line_error(tmp_path, capsys, layout):
         make_prepared_folder(data / "train", count=2, labels=(1,) if layout == "one class" else (0, 1))
     if layout == "one class":
         make_prepared_folder(data / "val", count=2)
-    with pytest.raises(SystemExit) as exit_info:
-        model.main(tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 0))
-    captured = capsys.readouterr()
-    assert_one_line_error(
-        SimpleNamespace(returncode=exit_info.value.code, stdout=captured.out, stderr=captured.err)
-    )
+    result = run_main(tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 0), capsys)
+    assert_one_line_error(result)
     assert not (tmp_path / "out" / model.BEST_CHECKPOINT).exists()

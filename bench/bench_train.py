@@ -1,0 +1,160 @@
+"""Benchmark: training images per second, (a) the model alone and (b) the full input pipeline.
+
+    .venv/bin/python prepdata.py --csv ../shared/data/ham10000_sample/GroundTruth.csv \
+        --images ../shared/data/ham10000_sample/images --out prepared_dataset --overwrite
+    .venv/bin/python bench/bench_train.py                          # 224 and 384 px, three precisions
+    .venv/bin/python bench/bench_train.py --sizes 384 --steps 3    # quicker
+
+(a) trains on random tensors already in memory; (b) trains from the JPEG files of a prepared
+train/ folder through model.py's own loader (decode, augmentation, workers). Both run model.py's
+Trainer, so (b)/(a) is the share of the model's speed that the input pipeline keeps (target 0.9).
+The first --warmup micro-batches of each run are not timed. It prints figures; it never fails on
+timing.
+"""
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import model  # noqa: E402
+
+# name: (memory format, autocast dtype)
+MODES = {
+    "fp32": (torch.contiguous_format, None),
+    "channels_last": (torch.channels_last, None),
+    "channels_last+bf16": (torch.channels_last, torch.bfloat16),
+}
+
+
+def get_args_parser():
+    parser = common.ArgumentParser(description="Time training: model alone vs the full input pipeline.")
+    add = parser.add_argument
+    add(
+        "--data",
+        type=Path,
+        default=Path("prepared_dataset/train"),
+        help="folder of mel_/nomel_ training images (a prepared train/ split) (default: %(default)s)",
+    )
+    add("--sizes", type=int, nargs="+", default=[224, 384], help="image sizes (default: 224 384)")
+    add(
+        "--modes",
+        nargs="+",
+        choices=sorted(MODES),
+        default=list(MODES),
+        help="precisions to time (default: all three)",
+    )
+    add("--batch-size", type=model.positive_int, default=16, help="images per step (default: 16)")
+    add("--steps", type=model.positive_int, default=5, help="timed steps per run (default: 5)")
+    add("--warmup", type=model.positive_int, default=1, help="untimed steps first (default: 1)")
+    add(
+        "--workers",
+        type=model.non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="loader processes for (b) (default: model.py's default, %(default)s)",
+    )
+    add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    return parser
+
+
+class TimedLoader:
+    """A DataLoader passed through to Trainer.train_one_epoch, noting when each batch is handed
+    over and when the epoch ends (after the last step)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.times = loader, device, []
+        self.sampler, self.batch_size = loader.sampler, loader.batch_size
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.mark()
+            yield batch
+        self.mark()
+
+    def mark(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: count it where it finishes
+        self.times.append(time.perf_counter())
+
+    def images_per_second(self, warmup):
+        return self.batch_size * (len(self.times) - 1 - warmup) / (self.times[-1] - self.times[warmup])
+
+
+def images_per_second(loader, device, mode, warmup):
+    """One epoch over `loader` with model.py's Trainer; throughput after the warm-up steps."""
+    memory_format, amp_dtype = MODES[mode]
+    torch.manual_seed(0)
+    network = common.SkinLesionModel(weights="none").to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    trainer = model.Trainer(network, optimizer, device, amp_dtype, memory_format=memory_format)
+    timed = TimedLoader(loader, device)
+    trainer.train_one_epoch(timed, f"{mode}", show_progress=False)
+    return timed.images_per_second(warmup)
+
+
+def synthetic_loader(count, size, batch_size):
+    images = torch.randn(count, 3, size, size)
+    labels = torch.arange(count) % 2
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch_size)
+
+
+def pipeline_loader(source, folder, count, size, args, device):
+    """model.py's training loader over `count` images of `source` (linked into `folder`, cycling
+    through them when there are fewer), exactly as training builds it."""
+    images = common.list_prepared_images(source)
+    if not images:
+        raise common.UserError(f"{source}: no mel_*/nomel_* images (run prepdata.py first, or pass --data)")
+    (folder / "train").mkdir()
+    for index in range(count):
+        path, _ = images[index % len(images)]
+        (folder / "train" / f"{path.stem}_{index}{path.suffix}").symlink_to(path.resolve())
+    settings = ["--data", str(folder), "--image-size", str(size), "--batch-size", str(args.batch_size)]
+    settings += ["--workers", str(args.workers)]
+    loader_args = model.parse_args(model.get_args_parser(), settings)
+    return model.train_loader(loader_args, model.Runtime(device, None))
+
+
+def bench_size(size, args, device):
+    count = (args.warmup + args.steps) * args.batch_size
+    print(f"\n{size} px, batch {args.batch_size}, {device.type}, {args.workers} loader workers for (b)")
+    print(f"  {'mode':<20} {'(a) model img/s':>16} {'(b) pipeline img/s':>19} {'(b)/(a)':>8}")
+    results = {}
+    for mode in args.modes:
+        model_alone = images_per_second(
+            synthetic_loader(count, size, args.batch_size), device, mode, args.warmup
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            loader = pipeline_loader(args.data, Path(folder), count, size, args, device)
+            pipeline = images_per_second(loader, device, mode, args.warmup)
+        results[mode] = (model_alone, pipeline)
+        print(
+            f"  {mode:<20} {model_alone:>16.2f} {pipeline:>19.2f} {pipeline / model_alone:>8.2f}", flush=True
+        )
+    if "fp32" in results:
+        for mode in [mode for mode in results if mode != "fp32"]:
+            speedups = [results[mode][i] / results["fp32"][i] for i in (0, 1)]
+            print(f"  speed-up of {mode} over fp32: (a) {speedups[0]:.2f}x, (b) {speedups[1]:.2f}x")
+
+
+@common.exits_on_user_error
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = common.choose_device(args.device)
+    threads, bf16 = torch.get_num_threads(), common.cpu_has_native_bf16()
+    print(f"torch {torch.__version__}, {threads} CPU threads, CPU with native bf16: {bf16}")
+    for size in args.sizes:
+        bench_size(size, args, device)
+
+
+if __name__ == "__main__":
+    main()
