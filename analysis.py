@@ -471,6 +471,7 @@ def plot_class_distribution(distribution):
     x = np.arange(len(splits))
     width = 0.38
     colours = {MELANOMA_NAME: "tab:red", NON_MELANOMA_NAME: "tab:blue"}
+    tallest = 1
     for offset, name in ((-width / 2, MELANOMA_NAME), (width / 2, NON_MELANOMA_NAME)):
         original = np.array([distribution[split][name]["original"] for split in splits])
         augmented = np.array([distribution[split][name]["augmented"] for split in splits])
@@ -484,11 +485,12 @@ def plot_class_distribution(distribution):
         axes.bar(x + offset, augmented, width, bottom=original, **augmented_style)
         for position, total in zip(x + offset, original + augmented, strict=True):
             axes.annotate(f"{total:,}", (position, total), ha="center", va="bottom", fontsize=8)
+        tallest = max(tallest, *(original + augmented))
     axes.set_xticks(x, splits)
-    axes.margins(y=0.08)  # room for the counts above the bars
-    axes.set_xlabel("split")
-    axes.set_ylabel("images")
-    axes.set_title("Images per class in each split")
+    # Room for the counts above the bars (the stacked bars' sticky edges defeat axes.margins).
+    axes.set(
+        title="Images per class in each split", xlabel="split", ylabel="images", ylim=(0, 1.12 * tallest)
+    )
     axes.legend(fontsize=8)
     return figure
 
@@ -515,9 +517,9 @@ def plot_confusion_matrix(counts, threshold):
     names = [MELANOMA_NAME, NON_MELANOMA_NAME]
     axes.set_xticks([0, 1], names)
     axes.set_yticks([0, 1], names)
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    axes.set_title(f"Confusion matrix at threshold {threshold:.4f}")
+    axes.set(
+        title=f"Confusion matrix at threshold {threshold:.4f}", xlabel="predicted class", ylabel="true class"
+    )
     figure.colorbar(image, ax=axes, label="share of the true class")
     return figure
 
@@ -535,10 +537,12 @@ def plot_roc_curve(labels, probabilities, result):
     axes.plot(fpr, tpr, color="tab:blue", label=f"model (AUC {result['roc_auc']:.3f})")
     axes.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUC 0.5)")
     mark_operating_point(axes, 1 - result["specificity"], result["sensitivity"], result["threshold"])
-    axes.set_xlabel("false positive rate (1 - specificity)")
-    axes.set_ylabel("true positive rate (sensitivity)")
-    axes.set_title("ROC curve: melanoma vs non-melanoma")
-    axes.set_aspect("equal")
+    axes.set(
+        title="ROC curve: melanoma vs non-melanoma",
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        aspect="equal",
+    )
     axes.legend(loc="lower right")
     return figure
 
@@ -560,10 +564,12 @@ def plot_precision_recall_curve(labels, probabilities, result):
     axes.axhline(prevalence, linestyle="--", color="grey", label=f"chance (melanoma share {prevalence:.1%})")
     if result["precision"] is not None:
         mark_operating_point(axes, result["sensitivity"], result["precision"], result["threshold"])
-    axes.set_xlabel("recall (sensitivity)")
-    axes.set_ylabel("precision (melanomas among flagged)")
-    axes.set_ylim(0, 1.02)
-    axes.set_title("Precision-recall curve")
+    axes.set(
+        title="Precision-recall curve",
+        xlabel="recall (sensitivity)",
+        ylabel="precision (melanomas among flagged)",
+        ylim=(0, 1.02),
+    )
     axes.legend(loc="upper right")
     return figure
 
@@ -578,11 +584,13 @@ def plot_threshold_curve(labels, probabilities, threshold):
             # "pre": a rate holds on (previous threshold, this one], since it counts p >= threshold.
             axes.step(thresholds, rates[:, column], where="pre", color=colour, label=name)
     axes.axvline(threshold, linestyle="--", color="black", label=f"stored threshold {threshold:.4f}")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("threshold on the melanoma probability")
-    axes.set_ylabel("rate")
-    axes.set_title("Sensitivity and specificity against the threshold")
+    axes.set(
+        title="Sensitivity and specificity against the threshold",
+        xlabel="threshold on the melanoma probability",
+        ylabel="rate",
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+    )
     axes.legend(loc="center right")
     return figure
 
@@ -597,15 +605,11 @@ def plot_calibration(labels, probabilities, result):
     curve.plot(
         mean_probability[filled], melanoma_fraction[filled], "o-", color="tab:blue", label=f"model ({scores})"
     )
-    curve.set_ylabel("fraction that are melanomas")
-    curve.set_ylim(-0.02, 1.02)
-    curve.set_title("Reliability diagram")
+    curve.set(title="Reliability diagram", ylabel="fraction that are melanomas", ylim=(-0.02, 1.02))
     curve.legend(loc="upper left")
     edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
     histogram.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", alpha=0.6)
-    histogram.set_xlabel("predicted melanoma probability")
-    histogram.set_ylabel("images")
-    histogram.set_xlim(0, 1)
+    histogram.set(xlabel="predicted melanoma probability", ylabel="images", xlim=(0, 1))
     return figure
 
 
@@ -626,9 +630,7 @@ def plot_learning_curves(history):
         if history.get("best_epoch") is not None:
             axes.axvline(history["best_epoch"], linestyle="--", color="grey", label="best epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(title.lower())
-        axes.set_title(title)
+        axes.set(title=title, xlabel="epoch", ylabel=title.lower())
         if axes.get_legend_handles_labels()[0]:  # an empty legend warns
             axes.legend()
     return figure
