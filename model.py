@@ -286,7 +286,8 @@ def train_transform(image_size, augmentation="ours"):
     """Online training augmentation; it adds nothing real images lack (no black-filled corners).
 
     Both start from the eval transform's square resize, so lesions keep the proportions they will
-    have when scored. Hue jitter stays small in ours: colour is a melanoma clue.
+    have when scored. Ours leaves hue alone: colour (blue-white veil, red, brown) is a melanoma
+    clue, and PIL's hue shift costs more than the rest of the augmentation together.
     """
     square = transforms.Resize((image_size, image_size), antialias=True)
     if augmentation == "original":
@@ -294,7 +295,7 @@ def train_transform(image_size, augmentation="ours"):
         colour = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1)
     else:
         geometry = [square, transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)]
-        colour = transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+        colour = transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
     return transforms.Compose(
         [
             *geometry,

@@ -109,14 +109,18 @@ def synthetic_loader(count, size, batch_size):
 
 
 def pipeline_loader(source, folder, count, size, args, device):
-    """model.py's training loader over `count` images of `source` (linked into `folder`, cycling
-    through them when there are fewer), exactly as training builds it."""
+    """model.py's training loader over `count` images of `source`, melanoma and not in turn
+    (linked into `folder`, cycling when there are fewer), exactly as training builds it."""
     images = common.list_prepared_images(source)
-    if not images:
-        raise common.UserError(f"{source}: no mel_*/nomel_* images (run prepdata.py first, or pass --data)")
+    by_class = [[path for path, label in images if label == wanted] for wanted in (0, 1)]
+    if not all(by_class):
+        raise common.UserError(
+            f"{source}: needs mel_* and nomel_* images (run prepdata.py first, or pass --data)"
+        )
+    alternating = [path for pair in zip(*by_class, strict=False) for path in pair]
     (folder / "train").mkdir()
     for index in range(count):
-        path, _ = images[index % len(images)]
+        path = alternating[index % len(alternating)]
         (folder / "train" / f"{path.stem}_{index}{path.suffix}").symlink_to(path.resolve())
     settings = ["--data", str(folder), "--image-size", str(size), "--batch-size", str(args.batch_size)]
     settings += ["--workers", str(args.workers)]
