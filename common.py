@@ -428,6 +428,25 @@ def original_state_dict_to_ours(state):
 # --- command lines ---------------------------------------------------------------------------
 
 
+def bounded_int(text, minimum):
+    """An argparse value: an integer of at least `minimum`, or a one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
+    return value
+
+
+def positive_int(text):
+    return bounded_int(text, 1)
+
+
+def non_negative_int(text):
+    return bounded_int(text, 0)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (plus a --help hint), exit code 2."""
 

@@ -60,20 +60,6 @@ AUGMENTATION_STREAM, TRAINING_STREAM = 1, 2
 # --- command line ----------------------------------------------------------------------------
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
 def positive_float(text):
     value = float(text)
     if not value > 0:
@@ -116,11 +102,16 @@ def get_args_parser():
         "(plain cross-entropy, AdamW lr 1e-3, reduce-on-plateau on val loss, fixed resize, threshold "
         "0.5); flags given explicitly still win",
     )
-    add("--epochs", type=positive_int, default=10, help="most epochs to train")
-    add("--batch-size", type=positive_int, default=32, help="images per micro-batch (per process)")
-    add("--accumulation-steps", type=positive_int, default=4, help="micro-batches per optimiser step")
-    add("--patience", type=positive_int, default=3, help="stop after this many epochs without improvement")
-    add("--image-size", type=positive_int, default=common.DEFAULT_IMAGE_SIZE, help="square input size")
+    add("--epochs", type=common.positive_int, default=10, help="most epochs to train")
+    add("--batch-size", type=common.positive_int, default=32, help="images per micro-batch (per process)")
+    add("--accumulation-steps", type=common.positive_int, default=4, help="micro-batches per optimiser step")
+    add(
+        "--patience",
+        type=common.positive_int,
+        default=3,
+        help="stop after this many epochs without improvement",
+    )
+    add("--image-size", type=common.positive_int, default=common.DEFAULT_IMAGE_SIZE, help="square input size")
     add("--lr", type=positive_float, default=3e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     add(
@@ -171,13 +162,13 @@ def get_args_parser():
     )
     add(
         "--workers",
-        type=non_negative_int,
+        type=common.non_negative_int,
         default=min(4, os.cpu_count() or 1),
         help="data-loading processes per training process (0 loads in the training process)",
     )
     add(
         "--seed",
-        type=non_negative_int,
+        type=common.non_negative_int,
         default=42,
         help="seed of the initial head, data order, augmentation, dropout",
     )

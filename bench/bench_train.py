@@ -51,12 +51,12 @@ def get_args_parser():
         default=list(MODES),
         help="precisions to time (default: all three)",
     )
-    add("--batch-size", type=model.positive_int, default=16, help="images per step (default: 16)")
-    add("--steps", type=model.positive_int, default=5, help="timed steps per run (default: 5)")
-    add("--warmup", type=model.positive_int, default=1, help="untimed steps first (default: 1)")
+    add("--batch-size", type=common.positive_int, default=16, help="images per step (default: 16)")
+    add("--steps", type=common.positive_int, default=5, help="timed steps per run (default: 5)")
+    add("--warmup", type=common.positive_int, default=1, help="untimed steps first (default: 1)")
     add(
         "--workers",
-        type=model.non_negative_int,
+        type=common.non_negative_int,
         default=min(4, os.cpu_count() or 1),
         help="loader processes for (b) (default: model.py's default, %(default)s)",
     )
