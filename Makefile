@@ -11,7 +11,7 @@ CHROMIUM := /usr/bin/chromium
 DEMO_IMAGE_SIZE ?= 128
 DEMO_EPOCHS ?= 3
 
-.PHONY: demo test lint browser clean
+.PHONY: demo test lint browser clean bench-quality
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,19 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 browser:
 	@test -x $(CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
+# From random initialisation (no download needed); with internet, drop `--weights none` to
+# fine-tune from ImageNet weights.
 demo: $(INSTALLED)
 	$(PY) prepdata.py --csv sample_data/GroundTruth.csv --images sample_data/images \
 		--out prepared_dataset --overwrite
+	$(PY) model.py --data prepared_dataset --weights none --image-size $(DEMO_IMAGE_SIZE) \
+		--epochs $(DEMO_EPOCHS) --batch-size 16 --accumulation-steps 1
+	$(PY) analysis.py --model best_model.pth --data prepared_dataset/test --out results
+	$(PY) app.py --model best_model.pth
+
+# Issue 6's full-scale run on ../shared/data/ham10000_300 (about 45 minutes on 2 cores).
+bench-quality: $(INSTALLED)
+	$(PY) bench/bench_quality.py --docs docs/results
 
 test: $(INSTALLED) browser
 	$(PY) -m pytest
@@ -34,4 +44,4 @@ lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf prepared_dataset results best_model.pth last_model.pth training_history.json
+	rm -rf prepared_dataset results best_model.pth last_checkpoint.pth training_history.json

@@ -1,0 +1,233 @@
+"""Full-scale quality benchmark: the four stages, unchanged, on ../shared/data/ham10000_300.
+
+Runs our recipe and the original project's recipe (model.py --preset original, trained on a
+train split balanced with augmented copies) on the same lesion-grouped split, scores the same
+test images with analysis.py, asks the running app for a few of them, and prints one table:
+held-out test ROC AUC with its 95% bootstrap interval, sensitivity and specificity at the stored
+threshold, and the wall time of every stage.
+
+    python bench/bench_quality.py                      # both recipes, about 45 min on 2 cores
+    python bench/bench_quality.py --epochs 1 --limit 400   # a smoke run in a few minutes
+
+Everything a recipe chooses (threshold, best epoch) is chosen on the validation split by
+model.py; test images are only scored.
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "ham10000_300"
+
+# Each recipe: how prepdata balances train/, and what model.py is told on top of the common flags.
+RECIPES = {
+    "ours": {"prepdata": ["--no-balance"], "model": []},
+    "original": {"prepdata": [], "model": ["--preset", "original"]},
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="folder with GroundTruth.csv, metadata, images/"
+    )
+    parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "quality", help="working folder")
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["ours", "original"])
+    parser.add_argument("--image-size", type=int, default=128, help="training and scoring size")
+    parser.add_argument("--epochs", type=int, default=6, help="most epochs per recipe")
+    parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
+    parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N CSV rows (0: all)")
+    parser.add_argument("--tta", action="store_true", help="also score with test-time augmentation")
+    parser.add_argument("--docs", type=Path, help="copy the plots of the first recipe into this folder")
+    parser.add_argument("--app-images", type=int, default=20, help="test images to send to the running app")
+    return parser
+
+
+def run_stage(timings, name, script, *args):
+    """Run one stage script as a user would; remember its wall time; stop on failure."""
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    print(f"\n$ {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT)
+    timings[name] = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"{script} failed with exit code {result.returncode}")
+
+
+def limited_csv(data, work, limit):
+    """The ground truth, or its first `limit` rows (a quick run of the same code)."""
+    if not limit:
+        return data / "GroundTruth.csv"
+    rows = (data / "GroundTruth.csv").read_text().splitlines()
+    target = work / "GroundTruth_subset.csv"
+    target.write_text("\n".join(rows[: limit + 1]) + "\n")
+    return target
+
+
+def run_recipe(name, args, labels_csv):
+    recipe, work = RECIPES[name], args.work / name
+    timings = {}
+    prepared, results = work / "prepared_dataset", work / "results"
+    run_stage(
+        timings, "prepdata", "prepdata.py",
+        "--csv", labels_csv, "--images", args.data / "images",
+        "--metadata", args.data / "HAM10000_metadata.csv",
+        "--out", prepared, "--overwrite", *recipe["prepdata"],
+    )  # fmt: skip
+    run_stage(
+        timings, "model", "model.py",
+        "--data", prepared, "--out", work, "--weights", "none",
+        "--image-size", args.image_size, "--epochs", args.epochs,
+        "--batch-size", args.batch_size, "--accumulation-steps", args.accumulation_steps,
+        *recipe["model"],
+    )  # fmt: skip
+    analysis_args = [
+        "--model", work / "best_model.pth", "--data", prepared / "test",
+        "--history", work / "training_history.json", "--out", results,
+    ]  # fmt: skip
+    run_stage(timings, "analysis", "analysis.py", *analysis_args)
+    metrics = json.loads((results / "metrics.json").read_text())
+    tta_metrics = None
+    if args.tta:
+        run_stage(timings, "analysis_tta", "analysis.py", *analysis_args[:-1], work / "results_tta", "--tta")
+        tta_metrics = json.loads((work / "results_tta" / "metrics.json").read_text())
+    app_check = check_app(
+        work / "best_model.pth", results / "predictions.csv", prepared / "test", args.app_images
+    )
+    return {
+        "recipe": name,
+        "metrics": metrics,
+        "tta_metrics": tta_metrics,
+        "timings_s": timings,
+        "app": app_check,
+        "history": json.loads((work / "training_history.json").read_text()),
+    }
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url, process, seconds=180):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"app.py exited with code {process.returncode} before serving")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    sys.exit(f"app.py did not answer {url} within {seconds} s")
+
+
+def post_image(url, path):
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="lesion.jpg"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def check_app(checkpoint, predictions_csv, test_folder, count):
+    """Serve the checkpoint with app.py and compare its answers with analysis.py's predictions."""
+    with open(predictions_csv, newline="") as file:
+        predictions = list(csv.DictReader(file))[:count]
+    port = free_port()
+    command = [sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", str(port)]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", server)
+        differences = []
+        for row in predictions:
+            answer = post_image(f"http://127.0.0.1:{port}/api/predict", test_folder / row["file"])
+            differences.append(abs(answer["probability"] - float(row["probability"])))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {"images": len(differences), "max_probability_difference": max(differences, default=None)}
+
+
+def interval(metrics, key):
+    low_high = metrics.get("confidence_intervals_95", {}).get(key)
+    return f"[{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "n/a"
+
+
+def number(value, digits=3):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def report_lines(outcomes, args):
+    lines = [
+        f"HAM10000 (ham10000_300, {args.data}), lesion-grouped 70/20/10 split, random init, "
+        f"{args.image_size} px, at most {args.epochs} epochs, "
+        f"batch {args.batch_size} x {args.accumulation_steps}",
+        "",
+        "| recipe | test ROC AUC [95% CI] | sensitivity | specificity | threshold | best epoch | "
+        "prepdata s | model s | analysis s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for outcome in outcomes:
+        metrics, timings = outcome["metrics"], outcome["timings_s"]
+        lines.append(
+            f"| {outcome['recipe']} | {number(metrics.get('roc_auc'))} {interval(metrics, 'roc_auc')} "
+            f"| {number(metrics.get('sensitivity'))} {interval(metrics, 'sensitivity')} "
+            f"| {number(metrics.get('specificity'))} {interval(metrics, 'specificity')} "
+            f"| {number(metrics.get('threshold'))} | {outcome['history'].get('best_epoch')} "
+            f"| {timings['prepdata']:.0f} | {timings['model']:.0f} | {timings['analysis']:.0f} |"
+        )
+    for outcome in outcomes:
+        app = outcome["app"]
+        lines.append(
+            f"{outcome['recipe']}: app.py answered {app['images']} test images; largest probability "
+            f"difference from analysis.py: {number(app['max_probability_difference'], 4)}"
+        )
+        if outcome["tta_metrics"]:
+            tta_auc = number(outcome["tta_metrics"].get("roc_auc"))
+            lines.append(f"{outcome['recipe']}: with --tta, test ROC AUC {tta_auc}")
+    return lines
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    if not (args.data / "GroundTruth.csv").is_file():
+        sys.exit(f"{args.data}: no GroundTruth.csv here (see ../shared/data/README.md)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    labels_csv = limited_csv(args.data, args.work, args.limit)
+    start = time.perf_counter()
+    outcomes = [run_recipe(name, args, labels_csv) for name in args.recipes]
+    lines = report_lines(outcomes, args)
+    lines.append(f"total wall time: {(time.perf_counter() - start) / 60:.1f} min on {os.cpu_count()} cores")
+    print("\n" + "\n".join(lines))
+    (args.work / "quality_report.md").write_text("\n".join(lines) + "\n")
+    (args.work / "quality.json").write_text(json.dumps(outcomes, indent=2))
+    if args.docs:
+        args.docs.mkdir(parents=True, exist_ok=True)
+        for plot in (args.work / args.recipes[0] / "results").glob("*.png"):
+            shutil.copyfile(plot, args.docs / plot.name)
+
+
+if __name__ == "__main__":
+    main()
