@@ -6,7 +6,6 @@ The image size, normalisation and decision threshold come from the checkpoint, a
 scored in the same precision as the app, so these numbers describe the decisions the app makes.
 """
 
-import argparse
 import contextlib
 import csv
 import json
@@ -70,10 +69,10 @@ def get_args_parser():
         help="training history written by model.py (learning_curves.png is skipped when missing)",
     )
     parser.add_argument("--out", default="results", help="folder for the plots and reports")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
+    parser.add_argument("--batch-size", type=common.positive_int, default=32, help="images per batch")
     parser.add_argument(
         "--workers",
-        type=non_negative_int,
+        type=common.non_negative_int,
         default=min(4, os.cpu_count() or 1),
         help="image-decoding worker processes (0 decodes in the main process)",
     )
@@ -85,33 +84,18 @@ def get_args_parser():
     )
     parser.add_argument(
         "--bootstrap",
-        type=positive_int,
+        type=common.positive_int,
         default=1000,
         help="bootstrap resamples for the 95%% confidence intervals",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     parser.add_argument(
-        "--gallery", type=positive_int, default=8, help="worst false negatives and false positives shown"
+        "--gallery",
+        type=common.positive_int,
+        default=8,
+        help="worst false negatives and false positives shown",
     )
     return parser
-
-
-def positive_int(text):
-    return bounded_int(text, 1)
-
-
-def non_negative_int(text):
-    return bounded_int(text, 0)
-
-
-def bounded_int(text, minimum):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
-    return value
 
 
 # --- reading the inputs ----------------------------------------------------------------------
