@@ -606,7 +606,10 @@ def run_in_parallel(function, tasks, workers, description):
     workers = max(1, min(workers, len(tasks)))
     if workers == 1:
         single_threaded_opencv()
-    pool = multiprocessing.Pool(workers, initializer=start_worker) if workers > 1 else nullcontext()
+    # Spawned, not forked: forking a process that already runs threads (torch's, a server's,
+    # pytest's) can copy a held lock into the child and hang it.
+    spawn = multiprocessing.get_context("spawn")
+    pool = spawn.Pool(workers, initializer=start_worker) if workers > 1 else nullcontext()
     with pool, tqdm(total=len(tasks), desc=description, unit="img", disable=None) as bar:
         # Small chunks keep the bar moving and the cores evenly loaded.
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
