@@ -33,9 +33,9 @@ demo: $(INSTALLED)
 	$(PY) analysis.py --model best_model.pth --data prepared_dataset/test --out results
 	$(PY) app.py --model best_model.pth
 
-# Issue 6's full-scale run on ../shared/data/ham10000_300 (about 45 minutes on 2 cores).
+# The full-scale run on ../shared/data/ham10000_300 (6 epochs per recipe, about 55 minutes on 2 cores).
 bench-quality: $(INSTALLED)
-	$(PY) bench/bench_quality.py --docs docs/results
+	$(PY) bench/bench_quality.py --docs docs/quality
 
 test: $(INSTALLED) browser
 	$(PY) -m pytest
