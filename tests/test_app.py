@@ -266,7 +266,7 @@ def test_flask_errors_are_json_too(client):
 
 
 def test_an_unexpected_failure_is_a_json_500_without_details(client, flask_app, monkeypatch):
-    def broken(batch):
+    def broken(image):
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(flask_app.extensions["predictor"], "melanoma_probability", broken)
