@@ -8,8 +8,12 @@
 (a) trains on random tensors already in memory; (b) trains from the JPEG files of a prepared
 train/ folder through model.py's own loader (decode, augmentation, workers). Both run model.py's
 Trainer, so (b)/(a) is the share of the model's speed that the input pipeline keeps (target 0.9).
-The first --warmup micro-batches of each run are not timed. It prints figures; it never fails on
-timing.
+The first --warmup micro-batches of each run are not timed.
+
+It also prints the memory one training step needs: the bytes autograd keeps for the backward pass
+(activations; the same on any device, so a CPU run tells what a GPU will need) plus weights,
+gradients and AdamW state, and on CUDA the measured peak allocation. It prints figures; it never
+fails on timing.
 """
 
 import os
@@ -61,6 +65,7 @@ def get_args_parser():
         help="loader processes for (b) (default: model.py's default, %(default)s)",
     )
     add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add("--memory-only", action="store_true", help="print only the memory of one step (no timing)")
     return parser
 
 
@@ -98,8 +103,37 @@ def images_per_second(loader, device, mode, warmup):
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
     trainer = model.Trainer(network, optimizer, device, amp_dtype, memory_format=memory_format)
     timed = TimedLoader(loader, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.train_one_epoch(timed, f"{mode}", show_progress=False)
+    if device.type == "cuda":
+        print(f"  {mode}: CUDA peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     return timed.images_per_second(warmup)
+
+
+def storage_key(tensor):
+    storage = tensor.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def training_step_bytes(size, batch_size, mode):
+    """(bytes saved for backward, bytes of weights + gradients + AdamW moments) of one step.
+
+    Storages are counted once, as autograd keeps them (several saved tensors can share one)."""
+    memory_format, amp_dtype = MODES[mode]
+    network = common.SkinLesionModel(weights="none").to(memory_format=memory_format)
+    images = torch.randn(batch_size, 3, size, size).to(memory_format=memory_format)
+    saved = {}
+
+    def pack(tensor):
+        saved[storage_key(tensor)] = storage_key(tensor)[1]
+        return tensor
+
+    keep_saved = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    with keep_saved, common.autocast(torch.device("cpu"), amp_dtype):
+        network(images).sum()
+    parameter_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
+    return sum(saved.values()), 4 * parameter_bytes  # weights, gradients, two AdamW moments
 
 
 def synthetic_loader(count, size, batch_size):
@@ -131,9 +165,10 @@ def pipeline_loader(source, folder, count, size, args, device):
 def bench_size(size, args, device):
     count = (args.warmup + args.steps) * args.batch_size
     print(f"\n{size} px, batch {args.batch_size}, {device.type}, {args.workers} loader workers for (b)")
-    print(f"  {'mode':<20} {'(a) model img/s':>16} {'(b) pipeline img/s':>19} {'(b)/(a)':>8}")
+    if not args.memory_only:
+        print(f"  {'mode':<20} {'(a) model img/s':>16} {'(b) pipeline img/s':>19} {'(b)/(a)':>8}")
     results = {}
-    for mode in args.modes:
+    for mode in [] if args.memory_only else args.modes:
         model_alone = images_per_second(
             synthetic_loader(count, size, args.batch_size), device, mode, args.warmup
         )
@@ -143,6 +178,12 @@ def bench_size(size, args, device):
         results[mode] = (model_alone, pipeline)
         print(
             f"  {mode:<20} {model_alone:>16.2f} {pipeline:>19.2f} {pipeline / model_alone:>8.2f}", flush=True
+        )
+    for mode in args.modes:
+        activations, state = training_step_bytes(size, args.batch_size, mode)
+        print(
+            f"  {mode}: one step keeps {activations / 2**30:.2f} GiB for backward "
+            f"+ {state / 2**30:.2f} GiB weights, gradients, AdamW state"
         )
     if "fp32" in results:
         for mode in [mode for mode in results if mode != "fp32"]:
