@@ -210,18 +210,27 @@ def report_lines(outcomes, args):
     return lines
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+def start_run(args):
+    """Check the data and create the working folder; returns the start time."""
     if not (args.data / "GroundTruth.csv").is_file():
         sys.exit(f"{args.data}: no GroundTruth.csv here (see ../shared/data/README.md)")
     args.work.mkdir(parents=True, exist_ok=True)
-    labels_csv = limited_csv(args.data, args.work, args.limit)
-    start = time.perf_counter()
-    outcomes = [run_recipe(name, args, labels_csv) for name in args.recipes]
-    lines = report_lines(outcomes, args)
+    return time.perf_counter()
+
+
+def finish_report(lines, start, path):
+    """Add the total wall time, print the report and write it to `path`."""
     lines.append(f"total wall time: {(time.perf_counter() - start) / 60:.1f} min on {os.cpu_count()} cores")
     print("\n" + "\n".join(lines))
-    (args.work / "quality_report.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    start = start_run(args)
+    labels_csv = limited_csv(args.data, args.work, args.limit)
+    outcomes = [run_recipe(name, args, labels_csv) for name in args.recipes]
+    finish_report(report_lines(outcomes, args), start, args.work / "quality_report.md")
     (args.work / "quality.json").write_text(json.dumps(outcomes, indent=2))
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
