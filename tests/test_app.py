@@ -316,22 +316,32 @@ def test_inference_precision_stays_within_001_of_fp32_on_real_images(tmp_path):
 # --- a real server: load and size limits over HTTP --------------------------------------------
 
 
+SERVER_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:5]
+
+
 @pytest.fixture(scope="module")
-def server(random_checkpoint):
+def server(tmp_path_factory):
+    # Probabilities that differ between the photos, so that a batch answering the wrong request
+    # would show.
+    checkpoint = varied_checkpoint(
+        tmp_path_factory.mktemp("varied") / "model.pth", SERVER_PHOTOS, TINY_IMAGE_SIZE
+    )
     with bench_app.running_server(
-        random_checkpoint, "--threads", "4", "--torch-threads", "1", "--max-upload-mb", "2"
+        checkpoint, "--threads", "4", "--torch-threads", "1", "--max-upload-mb", "2"
     ) as (url, _):
         yield url
 
 
 @pytest.mark.timeout(300)
-def test_100_requests_from_4_threads_all_succeed(server):
-    uploads = [path.read_bytes() for path in sorted((SAMPLE / "images").glob("*.jpg"))[:5]]
+def test_100_requests_from_4_threads_all_succeed_with_their_own_answers(server):
+    uploads = [path.read_bytes() for path in SERVER_PHOTOS]
+    alone = [bench_app.post_file(server, upload)[1]["probability"] for upload in uploads]
+    assert len({round(probability, 3) for probability in alone}) == len(uploads)
     answers, _ = bench_app.post_concurrently(server, uploads, requests=100, clients=4)
     assert [status for status, _, _ in answers] == [200] * 100
-    # The same image always gets the same probability, however the requests interleave.
-    for first in range(len(uploads)):
-        assert len({answer["probability"] for _, answer, _ in answers[first :: len(uploads)]}) == 1
+    # Each image gets its own probability, however the requests interleave and are batched.
+    for index, (_, answer, _) in enumerate(answers):
+        assert answer["probability"] == pytest.approx(alone[index % len(uploads)], abs=1e-5)
 
 
 def test_the_server_answers_an_oversized_upload_with_json_413(server):
