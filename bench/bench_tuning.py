@@ -2,9 +2,10 @@
 
 Prepares ../shared/data/ham10000_300 (the same seeded, lesion-grouped split as bench_quality.py;
 train/ imbalanced, and balanced with augmented copies for the candidates that ask), trains
-model.py once per candidate setting, and prints
-each candidate's best validation ROC AUC, and with --tta the validation AUC of its best
-checkpoint under test-time augmentation. Test images are never scored here.
+model.py once per candidate setting, and prints each candidate's validation ROC AUC per epoch,
+and with --tta the validation AUC of its best
+checkpoint under test-time augmentation. Test images are never scored here: the test/ folder of
+the prepared trees is emptied before training.
 
     python bench/bench_tuning.py                        # every candidate: about 12 min each on 2 cores
     python bench/bench_tuning.py --candidates lr1e-3 --reuse
@@ -15,6 +16,7 @@ about 0.02 are within noise; prefer the simpler or cheaper setting when candidat
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from bench_quality import DATA, ROOT, finish_report, limited_csv, run_stage, start_run
@@ -59,14 +61,17 @@ def get_args_parser():
 def prepare(args, balanced):
     """The prepared tree: train/ imbalanced, or balanced with augmented melanoma copies."""
     prepared = args.work / ("prepared_balanced" if balanced else "prepared")
-    if args.reuse and (prepared / "manifest.csv").is_file():
-        return prepared
-    run_stage(
-        {}, "prepdata", "prepdata.py",
-        "--csv", limited_csv(args.data, args.work, args.limit), "--images", args.data / "images",
-        "--metadata", args.data / "HAM10000_metadata.csv", "--out", prepared, "--overwrite",
-        *([] if balanced else ["--no-balance"]),
-    )  # fmt: skip
+    if not (args.reuse and (prepared / "manifest.csv").is_file()):
+        run_stage(
+            {}, "prepdata", "prepdata.py",
+            "--csv", limited_csv(args.data, args.work, args.limit), "--images", args.data / "images",
+            "--metadata", args.data / "HAM10000_metadata.csv", "--out", prepared, "--overwrite",
+            *([] if balanced else ["--no-balance"]),
+        )  # fmt: skip
+    # model.py scores test/ at the end of a run: empty it, so that no test figure is ever seen
+    # while choosing (the split itself stays bench_quality.py's).
+    shutil.rmtree(prepared / "test")
+    (prepared / "test").mkdir()
     return prepared
 
 
