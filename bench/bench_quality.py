@@ -38,6 +38,10 @@ RECIPES = {
 }
 
 
+# The plots the README shows (the others stay in the working folder).
+DOCS_PLOTS = ["roc_curve.png", "confusion_matrix.png", "learning_curves.png", "calibration.png"]
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -236,8 +240,8 @@ def main(argv=None):
     (args.work / "quality.json").write_text(json.dumps(outcomes, indent=2))
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
-        for plot in (args.work / args.recipes[0] / "results").glob("*.png"):
-            shutil.copyfile(plot, args.docs / plot.name)
+        for name in DOCS_PLOTS:
+            shutil.copyfile(args.work / args.recipes[0] / "results" / name, args.docs / name)
 
 
 if __name__ == "__main__":
