@@ -200,3 +200,20 @@ def test_sensitivity_and_specificity_at_a_threshold():
 def test_real_sample_images_decode():
     for path in list((HAM_SAMPLE / "images").glob("*.jpg"))[:5]:
         assert common.load_image(path).size == (600, 450)
+
+
+def test_folding_batch_norms_keeps_the_probabilities(tmp_path):
+    photos = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:4]
+    checkpoint = make_random_checkpoint(tmp_path / "model.pth")
+    model, meta = common.load_checkpoint(checkpoint)
+    for layer in model.modules():  # statistics far from the identity, so that folding matters
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+    transform = common.checkpoint_transform(meta)
+    batch = torch.stack([transform(common.load_image(photo)) for photo in photos])
+    cpu = torch.device("cpu")
+    before = common.melanoma_probabilities(model, batch, cpu, None)
+    common.fold_batch_norms(model)
+    assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.modules())
+    assert common.melanoma_probabilities(model, batch, cpu, None) == pytest.approx(before, abs=1e-5)
