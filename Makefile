@@ -33,7 +33,7 @@ demo: $(INSTALLED)
 	$(PY) analysis.py --model best_model.pth --data prepared_dataset/test --out results
 	$(PY) app.py --model best_model.pth
 
-# The full-scale run on ../shared/data/ham10000_300, both recipes (about 40 minutes on 2 cores).
+# The full-scale run on ../shared/data/ham10000_300, both recipes (33 minutes measured on 2 cores).
 bench-quality: $(INSTALLED)
 	$(PY) bench/bench_quality.py --docs docs/quality
 

@@ -967,8 +967,7 @@ def main(argv=None):
         raise common.UserError(f"{out}: exists and is not a folder (pass another --out)")
     # Every input is checked before the slow scoring starts.
     device = common.choose_device(args.device)
-    model, meta = common.load_checkpoint(args.model, device)
-    common.fold_batch_norms(model)  # the app scores the same folded network
+    model, meta = common.load_scoring_model(args.model, device)
     dataset = common.SkinLesionDataset(args.data, common.checkpoint_transform(meta))
     history = read_history(args.history)
     distribution, distribution_source = class_distribution(args.data)

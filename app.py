@@ -87,8 +87,7 @@ class Predictor:
         return self.executor.submit(function, *args).result()
 
     def _load(self, checkpoint_path):
-        self.model, self.meta = common.load_checkpoint(checkpoint_path, self.device)
-        common.fold_batch_norms(self.model)  # before requires_grad below: folding makes new weights
+        self.model, self.meta = common.load_scoring_model(checkpoint_path, self.device)
         self.transform = common.checkpoint_transform(self.meta)
         self.amp_dtype = common.inference_amp_dtype(self.device)
         self.torch_threads = torch.get_num_threads()

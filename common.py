@@ -295,6 +295,12 @@ def fold_batch_norms(model):
     return model
 
 
+def load_scoring_model(path, device="cpu"):
+    """`load_checkpoint` with batch norms folded: the network analysis and the app both score."""
+    model, meta = load_checkpoint(path, device)
+    return fold_batch_norms(model), meta
+
+
 @torch.inference_mode()
 def melanoma_probabilities(model, images, device, amp_dtype):
     """Melanoma probability for each image of a normalised batch (N, 3, H, W), as floats."""

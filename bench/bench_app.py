@@ -100,7 +100,7 @@ def post_concurrently(base_url, uploads, requests, clients):
 def precision_gap(checkpoint, paths):
     """Largest |probability in the app's precision - fp32 probability| over the images `paths`."""
     device = torch.device("cpu")
-    model, meta = common.load_checkpoint(checkpoint, device)
+    model, meta = common.load_scoring_model(checkpoint, device)
     transform = common.checkpoint_transform(meta)
     gaps = []
     for start in range(0, len(paths), 64):  # batches of 64 keep 384-px memory modest

@@ -6,7 +6,7 @@ test images with analysis.py, asks the running app for a few of them, and prints
 held-out test ROC AUC with its 95% bootstrap interval, sensitivity and specificity at the stored
 threshold, and the wall time of every stage.
 
-    python bench/bench_quality.py                      # both recipes, 4 epochs: about 40 min on 2 cores
+    python bench/bench_quality.py                      # both recipes, 4 epochs: 33 min measured on 2 cores
     python bench/bench_quality.py --epochs 1 --limit 400   # a smoke run in a few minutes
 
 Everything a recipe chooses (threshold, best epoch) is chosen on the validation split by

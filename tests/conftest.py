@@ -57,6 +57,28 @@ def make_random_checkpoint(path, image_size=TINY_IMAGE_SIZE, threshold=0.5, seed
     return Path(path)
 
 
+def make_varied_checkpoint(path, photos, image_size=TINY_IMAGE_SIZE, threshold=0.5, **extra):
+    """A random-weight checkpoint whose scores differ from image to image, as a trained one's do.
+
+    A fresh EfficientNet's batch-norm statistics (mean 0, variance 1) shrink its features to
+    about 1e-7, so every image gets the same score, which hides ranking and precision errors;
+    statistics recomputed on the real `photos` give each image its own score.
+    """
+    torch.manual_seed(0)
+    model = common.SkinLesionModel(weights="none")
+    meta = common.checkpoint_metadata(image_size=image_size, threshold=threshold, **extra)
+    transform = common.checkpoint_transform(meta)
+    batch = torch.stack([transform(common.load_image(photo, min_size=image_size)) for photo in photos])
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # a plain average over what it sees
+    with torch.no_grad():
+        model.train()(batch)
+    common.save_checkpoint(path, model.eval(), meta)
+    return Path(path)
+
+
 def run_script(script, *args, cwd=ROOT, timeout=600):
     """Run one of the stage scripts as a user would; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, make_prepared_folder, run_script
+from conftest import assert_one_line_error, make_prepared_folder, make_varied_checkpoint, run_script
 from PIL import Image
 from sklearn import calibration
 from sklearn import metrics as skmetrics
@@ -32,29 +32,6 @@ HISTORY = {
 # (split, label, augmented, rows) of the manifest beyond the test split's own files
 OTHER_SPLITS = [("train", 1, "no", 10), ("train", 1, "yes", 20), ("train", 0, "no", 30), ("val", 1, "no", 3),
                 ("val", 0, "no", 7)]  # fmt: skip
-
-
-def make_varied_checkpoint(path, random_checkpoint, folder):
-    """A random-weight checkpoint whose scores differ from image to image.
-
-    A fresh EfficientNet's batch-norm statistics (mean 0, variance 1) shrink its features to
-    about 1e-7, so every image gets the same score; statistics recomputed on real images give
-    each image its own score, which the ranking metrics need.
-    """
-    model, meta = common.load_checkpoint(random_checkpoint)
-    dataset = common.SkinLesionDataset(folder, common.checkpoint_transform(meta))
-    batch = torch.stack([image for image, _ in dataset])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a plain average over what it sees
-    model.train()
-    with torch.no_grad():
-        model(batch)
-    common.save_checkpoint(
-        path, model, {**meta, "threshold": THRESHOLD, "threshold_rule": "fixed by the test"}
-    )
-    return path
 
 
 def write_manifest(root, test_folder):
@@ -100,9 +77,10 @@ def prepared_tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def varied_checkpoint(tmp_path_factory, random_checkpoint, prepared_tree):
+def varied_checkpoint(tmp_path_factory, prepared_tree):
     path = tmp_path_factory.mktemp("varied") / "best_model.pth"
-    return make_varied_checkpoint(path, random_checkpoint, prepared_tree / "test")
+    photos = [photo for photo, _ in common.list_prepared_images(prepared_tree / "test")]
+    return make_varied_checkpoint(path, photos, threshold=THRESHOLD, threshold_rule="fixed by the test")
 
 
 @pytest.fixture(scope="module")

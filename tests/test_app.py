@@ -17,6 +17,7 @@ from conftest import (
     TINY_IMAGE_SIZE,
     assert_one_line_error,
     make_random_checkpoint,
+    make_varied_checkpoint,
     run_script,
 )
 from PIL import Image
@@ -79,7 +80,7 @@ def decoded_data_url(url):
 def direct_probability(checkpoint, image):
     """What common.py's scoring path says for `image`, without the app."""
     device = torch.device("cpu")
-    model, meta = common.load_checkpoint(checkpoint, device)
+    model, meta = common.load_scoring_model(checkpoint, device)
     batch = common.checkpoint_transform(meta)(image).unsqueeze(0)
     return float(common.melanoma_probabilities(model, batch, device, common.inference_amp_dtype(device))[0])
 
@@ -282,34 +283,13 @@ def test_an_unexpected_failure_is_a_json_500_without_details(client, flask_app, 
 # --- the precision rule --------------------------------------------------------------------------
 
 
-def varied_checkpoint(path, photos, image_size):
-    """Random weights whose batch-norm statistics are those of real photos.
-
-    Plain random weights give every image nearly the same probability, which hides precision
-    errors; with real statistics the activations, and so the probabilities, vary as a trained
-    network's do (bf16 autocast moves them by 0.01-0.03 at 384 px)."""
-    torch.manual_seed(0)
-    model = common.SkinLesionModel(weights="none")
-    meta = common.checkpoint_metadata(image_size=image_size)
-    transform = common.checkpoint_transform(meta)
-    batch = torch.stack([transform(common.load_image(photo, min_size=image_size)) for photo in photos])
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.reset_running_stats()
-            layer.momentum = None  # a plain average over the calibration batch
-    with torch.no_grad():
-        model.train()(batch)
-    common.save_checkpoint(path, model.eval(), meta)
-    return path
-
-
 def test_inference_precision_stays_within_001_of_fp32_on_real_images(tmp_path):
     # bench/bench_app.py --model prints the same gap for a trained checkpoint.
     photos = (
         sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:6]
         + sorted((LARGE_PHOTOS / "images").glob("*.jpg"))[:2]
     )
-    checkpoint = varied_checkpoint(tmp_path / "model.pth", photos, image_size=384)
+    checkpoint = make_varied_checkpoint(tmp_path / "model.pth", photos, image_size=384)
     assert bench_app.precision_gap(checkpoint, photos) <= 0.01
 
 
@@ -323,9 +303,7 @@ SERVER_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:5]
 def server(tmp_path_factory):
     # Probabilities that differ between the photos, so that a batch answering the wrong request
     # would show.
-    checkpoint = varied_checkpoint(
-        tmp_path_factory.mktemp("varied") / "model.pth", SERVER_PHOTOS, TINY_IMAGE_SIZE
-    )
+    checkpoint = make_varied_checkpoint(tmp_path_factory.mktemp("varied") / "model.pth", SERVER_PHOTOS)
     with bench_app.running_server(
         checkpoint, "--threads", "4", "--torch-threads", "1", "--max-upload-mb", "2"
     ) as (url, _):
