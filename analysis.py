@@ -26,11 +26,9 @@ from sklearn import metrics as skmetrics
 from tqdm import tqdm
 
 import common
+import metrics
 
 SPLITS = ("train", "val", "test")
-ISIC_MIN_SENSITIVITY = 0.80  # ISIC 2018/2019 challenges: "AUC, Sens > 80%"
-SCREENING_RATE = 0.95  # specificity at 95% sensitivity, sensitivity at 95% specificity
-CALIBRATION_BINS = 10
 GALLERY_COLUMNS = 4
 THUMBNAIL_SIZE = 224
 DPI = 110
@@ -101,7 +99,7 @@ def get_args_parser():
 # --- reading the inputs ----------------------------------------------------------------------
 
 
-HISTORY_CURVES = (("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "ROC AUC"))
+HISTORY_CURVES = (("loss", "Loss"), ("accuracy_at_0.5", "Accuracy at probability 0.5"), ("auc", "ROC AUC"))
 HISTORY_KEYS = ("epoch", *(f"{split}_{key}" for split in ("train", "val") for key, _ in HISTORY_CURVES))
 
 
@@ -234,203 +232,6 @@ def batches_with_readable_errors(loader):
         raise common.ImageError(last_line.removeprefix("common.ImageError: ")) from None
 
 
-# --- metrics ---------------------------------------------------------------------------------
-
-
-def ratio(numerator, denominator):
-    """numerator / denominator as a float, None (undefined) when the denominator is 0."""
-    return float(numerator / denominator) if denominator else None
-
-
-def defined(value):
-    """NaN (common's "undefined") becomes None, which metrics.json writes as null."""
-    return None if value is None or np.isnan(value) else float(value)
-
-
-def has_both_classes(labels):
-    return len(np.unique(labels)) == 2
-
-
-COUNT_NAMES = ("true_positive", "false_negative", "false_positive", "true_negative")
-
-
-def confusion_counts(labels, predicted):
-    positives, flagged = labels == common.MELANOMA, predicted == common.MELANOMA
-    return {
-        "true_positive": int(np.sum(positives & flagged)),
-        "false_negative": int(np.sum(positives & ~flagged)),
-        "false_positive": int(np.sum(~positives & flagged)),
-        "true_negative": int(np.sum(~positives & ~flagged)),
-    }
-
-
-def metrics_at_threshold(labels, probabilities, threshold):
-    """Counts and the metrics of the decisions at `threshold`; None where undefined."""
-    counts = confusion_counts(labels, common.predict_labels(probabilities, threshold))
-    tp, fn, fp, tn = (counts[name] for name in COUNT_NAMES)
-    sensitivity, specificity = map(defined, common.sensitivity_specificity(labels, probabilities, threshold))
-    return counts, {
-        "accuracy": ratio(tp + tn, len(labels)),
-        "balanced_accuracy": (sensitivity + specificity) / 2 if has_both_classes(labels) else None,
-        "precision": ratio(tp, tp + fp),
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "negative_predictive_value": ratio(tn, tn + fn),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-    }
-
-
-def roc_points(labels, probabilities):
-    """(false positive rates, true positive rates, thresholds), every point kept."""
-    return skmetrics.roc_curve(labels, probabilities, drop_intermediate=False)
-
-
-def auc_above_sensitivity(fpr, tpr, min_sensitivity=ISIC_MIN_SENSITIVITY):
-    """The ISIC 2018/2019 challenges' "AUC, Sens > 80%": the raw area under the part of the ROC
-    curve where sensitivity is at least `min_sensitivity` (1.0 perfect, 0.18 for chance)."""
-    first = int(np.searchsorted(tpr, min_sensitivity, side="left"))  # tpr[first - 1] < min <= tpr[first]
-    fpr_at_min = np.interp(min_sensitivity, tpr[first - 1 : first + 1], fpr[first - 1 : first + 1])
-    return float(skmetrics.auc(np.r_[fpr_at_min, fpr[first:]], np.r_[min_sensitivity, tpr[first:]]))
-
-
-def specificity_at_sensitivity(fpr, tpr, thresholds, min_sensitivity):
-    """(best specificity among thresholds reaching `min_sensitivity`, that threshold)."""
-    first = int(np.searchsorted(tpr, min_sensitivity, side="left"))  # both rates only grow along the curve
-    return float(1 - fpr[first]), finite_or_none(thresholds[first])
-
-
-def sensitivity_at_specificity(fpr, tpr, thresholds, min_specificity):
-    """(best sensitivity among thresholds reaching `min_specificity`, that threshold)."""
-    last = int(np.searchsorted(fpr, 1 - min_specificity, side="right")) - 1
-    return float(tpr[last]), finite_or_none(thresholds[last])
-
-
-def finite_or_none(value):
-    """The curve's first threshold is +inf ("flag nothing"): not a threshold anyone can set."""
-    return float(value) if np.isfinite(value) else None
-
-
-def ranking_metrics(labels, probabilities):
-    """Threshold-free metrics; all None unless both classes are present."""
-    names = (
-        "roc_auc",
-        "average_precision",
-        "auc_above_80_sensitivity",
-        "specificity_at_95_sensitivity",
-        "threshold_for_95_sensitivity",
-        "sensitivity_at_95_specificity",
-        "threshold_for_95_specificity",
-    )
-    if not has_both_classes(labels):
-        return dict.fromkeys(names)
-    fpr, tpr, thresholds = roc_points(labels, probabilities)
-    specificity, specificity_threshold = specificity_at_sensitivity(fpr, tpr, thresholds, SCREENING_RATE)
-    sensitivity, sensitivity_threshold = sensitivity_at_specificity(fpr, tpr, thresholds, SCREENING_RATE)
-    values = (
-        float(skmetrics.roc_auc_score(labels, probabilities)),
-        float(skmetrics.average_precision_score(labels, probabilities)),
-        auc_above_sensitivity(fpr, tpr),
-        specificity,
-        specificity_threshold,
-        sensitivity,
-        sensitivity_threshold,
-    )
-    return dict(zip(names, values, strict=True))
-
-
-def calibration_bins(labels, probabilities, bins=CALIBRATION_BINS):
-    """(images, mean predicted probability, fraction of melanomas) per equal-width bin.
-
-    Bins are closed on the right like sklearn.calibration.calibration_curve; empty bins give NaN.
-    """
-    which = np.searchsorted(np.linspace(0, 1, bins + 1)[1:-1], probabilities)
-    counts = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_probability = np.bincount(which, weights=probabilities, minlength=bins) / counts
-        melanoma_fraction = np.bincount(which, weights=labels, minlength=bins) / counts
-    return counts, mean_probability, melanoma_fraction
-
-
-def expected_calibration_error(labels, probabilities):
-    """Mean |fraction of melanomas - mean probability| over the bins, weighted by their size."""
-    counts, mean_probability, melanoma_fraction = calibration_bins(labels, probabilities)
-    filled = counts > 0
-    gaps = np.abs(melanoma_fraction[filled] - mean_probability[filled])
-    return float(np.sum(counts[filled] * gaps) / counts.sum())
-
-
-def bootstrap_intervals(labels, probabilities, threshold, resamples, seed):
-    """Percentile 95% intervals of ROC AUC, sensitivity and specificity.
-
-    Each class is resampled on its own (a stratified bootstrap, as in pROC): every resample keeps
-    the folder's class counts, so the AUC stays defined and no resample is thrown away.
-    """
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(labels == label) for label in (common.MELANOMA, common.NON_MELANOMA)]
-    samples = {"roc_auc": [], "sensitivity": [], "specificity": []}
-    for _ in range(resamples):
-        index = np.concatenate([rng.choice(members, len(members)) for members in by_class])
-        sample_labels, sample_probabilities = labels[index], probabilities[index]
-        sensitivity, specificity = common.sensitivity_specificity(
-            sample_labels, sample_probabilities, threshold
-        )
-        samples["sensitivity"].append(sensitivity)
-        samples["specificity"].append(specificity)
-        if has_both_classes(labels):
-            samples["roc_auc"].append(skmetrics.roc_auc_score(sample_labels, sample_probabilities))
-    return {name: percentile_interval(values) for name, values in samples.items()}
-
-
-def wilson_interval(successes, trials, z=1.959964):
-    """95% Wilson score interval of a proportion; None without trials.
-
-    Unlike a bootstrap, it stays honest at 0% or 100% and for a handful of images: 2 of 2
-    melanomas found gives 34% to 100%, where every bootstrap resample says exactly 100%.
-    """
-    if not trials:
-        return None
-    rate = successes / trials
-    centre = (rate + z**2 / (2 * trials)) / (1 + z**2 / trials)
-    half_width = z * np.sqrt(rate * (1 - rate) / trials + z**2 / (4 * trials**2)) / (1 + z**2 / trials)
-    return [float(max(0.0, centre - half_width)), float(min(1.0, centre + half_width))]
-
-
-def rate_intervals(counts):
-    """Wilson intervals of sensitivity and specificity from the confusion counts."""
-    tp, fn, fp, tn = (counts[name] for name in COUNT_NAMES)
-    return {"sensitivity": wilson_interval(tp, tp + fn), "specificity": wilson_interval(tn, tn + fp)}
-
-
-def percentile_interval(values, level=0.95):
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    if not values.size:
-        return None
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-
-
-def evaluate(labels, probabilities, threshold, resamples, seed):
-    """Everything metrics.json reports about the scored images (None where undefined)."""
-    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=float)
-    counts, decision_metrics = metrics_at_threshold(labels, probabilities, threshold)
-    return {
-        "n_images": len(labels),
-        "n_melanoma": int(np.sum(labels == common.MELANOMA)),
-        "n_non_melanoma": int(np.sum(labels == common.NON_MELANOMA)),
-        "threshold": float(threshold),
-        **decision_metrics,
-        **ranking_metrics(labels, probabilities),
-        "brier_score": float(np.mean((probabilities - labels) ** 2)),
-        "expected_calibration_error": expected_calibration_error(labels, probabilities),
-        "confidence_intervals_95": bootstrap_intervals(labels, probabilities, threshold, resamples, seed),
-        "wilson_intervals_95": rate_intervals(counts),
-        "bootstrap_resamples": resamples,
-        "bootstrap_seed": seed,
-        "confusion_matrix": counts,
-    }
-
-
 # --- plots (one figure per function, saved by the caller) ------------------------------------
 
 
@@ -515,7 +316,7 @@ def mark_operating_point(axes, x, y, threshold):
 def plot_roc_curve(labels, probabilities, result):
     if result["roc_auc"] is None:
         return undefined_figure("ROC curve", NEEDS_BOTH)
-    fpr, tpr, _ = roc_points(labels, probabilities)
+    fpr, tpr, _ = metrics.roc_points(labels, probabilities)
     figure = new_figure()
     axes = figure.subplots()
     axes.plot(fpr, tpr, color="tab:blue", label=f"model (AUC {result['roc_auc']:.3f})")
@@ -560,7 +361,10 @@ def plot_precision_recall_curve(labels, probabilities, result):
 
 def plot_threshold_curve(labels, probabilities, threshold):
     thresholds = np.unique(np.r_[0.0, probabilities, 1.0])
-    rates = np.array([common.sensitivity_specificity(labels, probabilities, t) for t in thresholds])
+    # dtype=float: a rate a class cannot define (None) becomes NaN, which is not drawn.
+    rates = np.array(
+        [metrics.sensitivity_specificity(labels, probabilities, t) for t in thresholds], dtype=float
+    )
     figure = new_figure()
     axes = figure.subplots()
     for column, name, colour in ((0, "sensitivity", "tab:red"), (1, "specificity", "tab:blue")):
@@ -579,20 +383,23 @@ def plot_threshold_curve(labels, probabilities, threshold):
     return figure
 
 
-def plot_calibration(labels, probabilities, result):
-    counts, mean_probability, melanoma_fraction = calibration_bins(labels, probabilities)
+def plot_calibration(labels, series):
+    """Reliability diagram of each {name: (probabilities, Brier score, ECE)}, with the share of
+    images per bin of the last series (the probability that is shown) below it."""
     figure = new_figure(6.4, 6.0)
     curve, histogram = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     curve.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
-    filled = counts > 0
-    scores = f"Brier {result['brier_score']:.3f}, ECE {result['expected_calibration_error']:.3f}"
-    curve.plot(
-        mean_probability[filled], melanoma_fraction[filled], "o-", color="tab:blue", label=f"model ({scores})"
-    )
+    for (name, (probabilities, brier, ece)), colour in zip(
+        series.items(), ("tab:orange", "tab:blue"), strict=False
+    ):
+        _, mean_probability, melanoma_fraction = metrics.calibration_bins(labels, probabilities)
+        label = f"{name} (Brier {brier:.3f}, ECE {ece:.3f})"
+        curve.plot(mean_probability, melanoma_fraction, "o-", color=colour, label=label)
     curve.set(title="Reliability diagram", ylabel="fraction that are melanomas", ylim=(-0.02, 1.02))
     curve.legend(loc="upper left")
-    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
-    histogram.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", alpha=0.6)
+    edges = np.linspace(0, 1, metrics.CALIBRATION_BINS + 1)
+    counts = metrics.bin_sizes(probabilities)
+    histogram.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=colour, alpha=0.6)
     histogram.set(xlabel="predicted melanoma probability", ylabel="images", xlim=(0, 1))
     return figure
 
@@ -622,7 +429,7 @@ def plot_learning_curves(history):
 
 def misclassified_rows(paths, labels, probabilities, threshold):
     """Errors, worst first: missed melanomas (lowest probability first), then false alarms."""
-    predicted = common.predict_labels(probabilities, threshold)
+    predicted = metrics.predict_labels(probabilities, threshold)
     rows = [
         {"file": path.name, "label": int(label), "probability": float(probability), "path": path}
         for path, label, probability, decision in zip(paths, labels, probabilities, predicted, strict=True)
@@ -809,7 +616,8 @@ def distribution_lines(distribution, source):
         for name, kinds in classes.items():
             count = kinds["original"] + kinds["augmented"]
             lines.append(
-                f"    {name}: {percent(ratio(count, total))} ({count:,}; {kinds['augmented']:,} augmented)"
+                f"    {name}: {percent(metrics.ratio(count, total))} "
+                f"({count:,}; {kinds['augmented']:,} augmented)"
             )
     return lines
 
@@ -898,7 +706,9 @@ def draw_figures(labels, probabilities, result, context, errors, per_kind):
         "roc_curve.png": plot_roc_curve(labels, probabilities, result),
         "precision_recall_curve.png": plot_precision_recall_curve(labels, probabilities, result),
         "threshold_curve.png": plot_threshold_curve(labels, probabilities, threshold),
-        "calibration.png": plot_calibration(labels, probabilities, result),
+        "calibration.png": plot_calibration(
+            labels, {"model": (probabilities, result["brier_score"], result["expected_calibration_error"])}
+        ),
         "misclassified.png": plot_misclassified(*errors, threshold, per_kind),
     }
     if context["history"] is not None:
@@ -907,7 +717,7 @@ def draw_figures(labels, probabilities, result, context, errors, per_kind):
 
 
 def prediction_rows(paths, labels, probabilities, threshold):
-    decisions = common.predict_labels(probabilities, threshold)
+    decisions = metrics.predict_labels(probabilities, threshold)
     return [
         (path.name, int(label), float(probability), int(decision))
         for path, label, probability, decision in zip(paths, labels, probabilities, decisions, strict=True)
@@ -977,7 +787,7 @@ def main(argv=None):
     setting = f"{device}, {precision}, TTA {on_off(args.tta)}"
     print(f"Scored {len(dataset):,} images, {speed:.1f} images/s ({setting})")
     labels = np.asarray(dataset.labels)
-    result = evaluate(labels, probabilities, meta["threshold"], args.bootstrap, args.seed)
+    result = metrics.evaluate(labels, probabilities, meta["threshold"], args.bootstrap, args.seed)
     context = {
         "model": model_facts(args.model, meta),
         "data": str(args.data),

@@ -26,6 +26,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from werkzeug.exceptions import HTTPException
 
 import common
+import metrics
 
 MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -133,7 +134,7 @@ class Predictor:
             answer.set_result(float(probability))
 
     def label(self, probability):
-        return int(common.predict_labels([probability], self.meta["threshold"])[0])
+        return int(metrics.predict_labels([probability], self.meta["threshold"])[0])
 
     def _heatmap(self, image, label):
         cam = GradCAM(model=self.model, target_layers=[self.cam_layer])

@@ -310,24 +310,6 @@ def melanoma_probabilities(model, images, device, amp_dtype):
     return torch.softmax(logits.float(), dim=1)[:, MELANOMA].cpu().numpy()
 
 
-# --- the decision rule ------------------------------------------------------------------------
-
-
-def predict_labels(probabilities, threshold):
-    """Melanoma (1) when the melanoma probability reaches the threshold, else 0."""
-    return (np.asarray(probabilities) >= threshold).astype(int)
-
-
-def sensitivity_specificity(labels, probabilities, threshold):
-    """(sensitivity, specificity) at `threshold`; NaN for a class that has no images."""
-    labels = np.asarray(labels)
-    predicted = predict_labels(probabilities, threshold)
-    positives, negatives = labels == MELANOMA, labels == NON_MELANOMA
-    sensitivity = (predicted[positives] == MELANOMA).mean() if positives.any() else float("nan")
-    specificity = (predicted[negatives] == NON_MELANOMA).mean() if negatives.any() else float("nan")
-    return float(sensitivity), float(specificity)
-
-
 # --- checkpoints -----------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.metrics import classification_report, roc_auc_score
+from sklearn.metrics import classification_report
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -31,6 +31,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import common
+import metrics
 
 BEST_CHECKPOINT = "best_model.pth"
 LAST_CHECKPOINT = "last_checkpoint.pth"
@@ -346,10 +347,10 @@ def train_loader(args, runtime):
     return make_loader(ReproducibleAugmentation(images, args.seed), args, runtime, sampler)
 
 
-def eval_loader(folder, args, runtime, shard=True):
-    """Deterministic loader; with `shard`, this process's share (no padding, so no image counts twice)."""
+def eval_loader(folder, args, runtime):
+    """Deterministic loader of this process's share (no padding, so no image counts twice)."""
     images = common.SkinLesionDataset(folder, common.eval_transform(args.image_size))
-    if shard and runtime.world_size > 1:
+    if runtime.world_size > 1:
         images = Subset(images, range(runtime.rank, len(images), runtime.world_size))
     return make_loader(images, args, runtime)
 
@@ -385,14 +386,13 @@ class Scores:
     def loss(self):
         return float(self.losses.mean())
 
-    def accuracy(self, threshold=0.5):
-        return float((common.predict_labels(self.probabilities, threshold) == self.labels).mean())
+    def accuracy_at_half(self):
+        """Accuracy at probability 0.5, the training-time figure; the stored threshold is chosen
+        only for the best epoch, and the checkpoint's val_metrics report accuracy there."""
+        return metrics.accuracy(self.labels, self.probabilities, 0.5)
 
     def auc(self):
-        """ROC AUC, or None when only one class is present (it is undefined then)."""
-        if len(set(self.labels.tolist())) < 2:
-            return None
-        return float(roc_auc_score(self.labels, self.probabilities))
+        return metrics.roc_auc(self.labels, self.probabilities)
 
 
 def gather_scores(scores, runtime):
@@ -407,12 +407,6 @@ def gather_scores(scores, runtime):
     return gathered
 
 
-def cross_entropy_of_probabilities(labels, probabilities):
-    """Plain cross-entropy of each image, from its melanoma probability (clipped away from 0)."""
-    probability_of_truth = np.where(labels == common.MELANOMA, probabilities, 1 - probabilities)
-    return -np.log(np.clip(probability_of_truth, 1e-7, 1.0))
-
-
 def score_split(model, loader, device, description="Scoring", show_progress=True):
     """Scores of a split, computed exactly as analysis.py and app.py score images."""
     model = getattr(model, "module", model).eval()  # the bare model: no DDP collectives while scoring
@@ -421,7 +415,7 @@ def score_split(model, loader, device, description="Scoring", show_progress=True
     for images, labels in tqdm(loader, description, leave=False, disable=not show_progress):
         probabilities = common.melanoma_probabilities(model, images, device, amp_dtype)
         labels = labels.numpy()
-        scores.add(labels, probabilities, cross_entropy_of_probabilities(labels, probabilities))
+        scores.add(labels, probabilities, metrics.cross_entropy(labels, probabilities))
     return scores
 
 
@@ -439,18 +433,13 @@ def choose_threshold(scores, setting="auto", target_sensitivity=0.9):
 
 
 def validation_metrics(scores, threshold):
-    sensitivity, specificity = common.sensitivity_specificity(scores.labels, scores.probabilities, threshold)
+    """The checkpoint's val_metrics: decisions at the stored threshold, ranking, loss."""
+    _, at_threshold = metrics.metrics_at_threshold(scores.labels, scores.probabilities, threshold)
     return {
         "auc": scores.auc(),
         "loss": scores.loss(),
-        "accuracy": scores.accuracy(threshold),
-        "sensitivity": finite_or_none(sensitivity),
-        "specificity": finite_or_none(specificity),
+        **{name: at_threshold[name] for name in ("accuracy", "sensitivity", "specificity")},
     }
-
-
-def finite_or_none(value):
-    return value if value is not None and math.isfinite(value) else None
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -503,7 +492,9 @@ class Trainer:
                 self.step()
             probabilities = torch.softmax(logits.detach().float(), dim=1)[:, common.MELANOMA]
             scores.add(labels.cpu(), probabilities.cpu(), losses.detach().cpu())
-            bar.set_postfix(loss=f"{scores.loss():.4f}", acc=f"{100 * scores.accuracy():.1f}%")
+            bar.set_postfix(
+                loss=f"{scores.loss():.4f}", acc_at_half=f"{100 * scores.accuracy_at_half():.1f}%"
+            )
         return scores
 
     def gradient_sync(self, ends_group):
@@ -628,10 +619,10 @@ def epoch_record(epoch, train, val, lr, seconds):
     return {
         "epoch": epoch,
         "train_loss": train.loss(),
-        "train_accuracy": train.accuracy(),
+        "train_accuracy_at_0.5": train.accuracy_at_half(),
         "train_auc": train.auc(),
         "val_loss": val.loss(),
-        "val_accuracy": val.accuracy(),
+        "val_accuracy_at_0.5": val.accuracy_at_half(),
         "val_auc": val.auc(),
         "lr": lr,
         "seconds": round(seconds, 2),
@@ -642,8 +633,9 @@ def summary_line(record, epochs, is_best):
     auc = "n/a" if record["val_auc"] is None else f"{record['val_auc']:.4f}"
     return (
         f"Epoch [{record['epoch']}/{epochs}] - Train Loss: {record['train_loss']:.4f}, "
-        f"Train Accuracy: {100 * record['train_accuracy']:.2f}%, Val Loss: {record['val_loss']:.4f}, "
-        f"Val Accuracy: {100 * record['val_accuracy']:.2f}%, Val AUC: {auc}, LR: {record['lr']:.2e}, "
+        f"Train Accuracy@0.5: {100 * record['train_accuracy_at_0.5']:.2f}%, "
+        f"Val Loss: {record['val_loss']:.4f}, Val Accuracy@0.5: {100 * record['val_accuracy_at_0.5']:.2f}%, "
+        f"Val AUC: {auc}, LR: {record['lr']:.2e}, "
         f"{record['seconds']:.0f}s" + (f" (best so far: saved {BEST_CHECKPOINT})" if is_best else "")
     )
 
@@ -761,44 +753,44 @@ def train_model(args, runtime, resume_state=None):
 # --- evaluation --------------------------------------------------------------------------------
 
 
-def evaluate_model(model, loader, device, threshold):
-    """Print accuracy, the classification report, ROC AUC, sensitivity and specificity at `threshold`."""
-    scores = score_split(model, loader, device, "Testing")
-    predicted = common.predict_labels(scores.probabilities, threshold)
-    sensitivity, specificity = common.sensitivity_specificity(scores.labels, scores.probabilities, threshold)
-    auc = scores.auc()
-    print(f"Test Accuracy: {100 * scores.accuracy(threshold):.2f}% ({len(scores.labels)} images)")
+def print_test_summary(scores, threshold):
+    """The test split's figures, from the same functions (metrics.py) as analysis.py's report."""
+    result = metrics.evaluate(scores.labels, scores.probabilities, threshold)
+    predicted = metrics.predict_labels(scores.probabilities, threshold)
+    print(f"Test Accuracy: {100 * result['accuracy']:.2f}% ({result['n_images']} images)")
     print("Classification Report:")
     print(
         classification_report(
             scores.labels, predicted, labels=[0, 1], target_names=list(common.CLASS_NAMES), zero_division=0
         )
     )
-    print(f"ROC AUC: {'n/a (one class)' if auc is None else f'{auc:.4f}'}")
-    print(f"At threshold {threshold:.4f}: sensitivity {sensitivity:.4f}, specificity {specificity:.4f}")
-    return {
-        "accuracy": scores.accuracy(threshold),
-        "auc": auc,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-    }
+    print(f"ROC AUC: {with_interval(result['roc_auc'], result['confidence_intervals_95']['roc_auc'])}")
+    for name in ("sensitivity", "specificity"):
+        shown = with_interval(result[name], result["wilson_intervals_95"][name])
+        print(f"{name.capitalize()} at threshold {threshold:.4f}: {shown}")
+    print(f"Expected calibration error: {result['expected_calibration_error']:.4f}")
+    return result
+
+
+def with_interval(value, interval):
+    if value is None:
+        return "n/a (needs images of both classes)"
+    return f"{value:.4f}" + ("" if interval is None else f" (95% CI {interval[0]:.3f} to {interval[1]:.3f})")
 
 
 def evaluate_best_on_test(args, runtime, best_path):
+    """Score test/ with the best checkpoint, loaded and scored as analysis.py and the app do."""
     if not has_test_split(args.data):
         print(f"Note: {args.data}/test has no images, so there is no test evaluation.")
-        return
-    model, meta = common.load_checkpoint(best_path, runtime.device)
+        return None
+    model, meta = common.load_scoring_model(best_path, runtime.device)
     print(
         f"Testing {best_path} (epoch {meta['epoch']}; threshold {meta['threshold']:.4f}, "
         f"{meta['threshold_rule']})."
     )
-    evaluate_model(
-        model,
-        eval_loader(Path(args.data) / "test", args, runtime, shard=False),
-        runtime.device,
-        meta["threshold"],
-    )
+    images = common.SkinLesionDataset(Path(args.data) / "test", common.checkpoint_transform(meta))
+    scores = score_split(model, make_loader(images, args, runtime), runtime.device, "Testing")
+    return print_test_summary(scores, meta["threshold"])
 
 
 # --- main --------------------------------------------------------------------------------------

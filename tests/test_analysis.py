@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import assert_one_line_error, make_prepared_folder, make_varied_checkpoint, run_script
 from PIL import Image
-from sklearn import calibration
 from sklearn import metrics as skmetrics
 
 import analysis
@@ -23,10 +22,10 @@ HISTORY = {
     "amp": "bf16",
     "device": "cpu",
     "epochs": [
-        {"epoch": 1, "train_loss": 0.71, "train_accuracy": 0.52, "train_auc": None, "val_loss": 0.69,
-         "val_accuracy": 0.55, "val_auc": 0.61, "lr": 1e-4, "seconds": 12.0},
-        {"epoch": 2, "train_loss": 0.62, "train_accuracy": 0.66, "train_auc": 0.70, "val_loss": 0.64,
-         "val_accuracy": 0.63, "val_auc": 0.72, "lr": 1e-4, "seconds": 11.5},
+        {"epoch": 1, "train_loss": 0.71, "train_accuracy_at_0.5": 0.52, "train_auc": None, "val_loss": 0.69,
+         "val_accuracy_at_0.5": 0.55, "val_auc": 0.61, "lr": 1e-4, "seconds": 12.0},
+        {"epoch": 2, "train_loss": 0.62, "train_accuracy_at_0.5": 0.66, "train_auc": 0.70, "val_loss": 0.64,
+         "val_accuracy_at_0.5": 0.63, "val_auc": 0.72, "lr": 1e-4, "seconds": 11.5},
     ],
 }  # fmt: skip
 # (split, label, augmented, rows) of the manifest beyond the test split's own files
@@ -298,62 +297,6 @@ def test_tta_average_does_not_depend_on_orientation(varied_checkpoint, prepared_
         np.testing.assert_allclose(probabilities(view, tta=True), averaged, rtol=1e-4, atol=1e-6)
     single = [probabilities(view, tta=False) for view in views]
     assert any(not np.allclose(view, probabilities(images, tta=False), atol=1e-4) for view in single)
-
-
-# --- metric helpers on known cases -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("labels", "scores", "expected"),
-    [
-        ([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5], 0.18),  # chance: the diagonal from (0.8, 0.8) to (1, 1)
-        ([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1], 1.0),  # perfect
-        ([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9], 0.0),  # perfectly wrong
-        # (0, .8) (.6, .8) (.6, 1) (1, 1): 0.6 * 0.8 + 0.4 * 1
-        ([1] * 5 + [0] * 5, [0.9, 0.8, 0.7, 0.6, 0.2, 0.5, 0.4, 0.3, 0.1, 0.05], 0.88),
-        # a tie makes the segment (0, .5)-(.5, 1), which crosses sensitivity 0.8 at FPR 0.3
-        ([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1], 0.2 * 0.9 + 0.5),
-    ],
-)
-def test_auc_above_80_sensitivity(labels, scores, expected):
-    fpr, tpr, _ = analysis.roc_points(np.array(labels), np.array(scores))
-    assert analysis.auc_above_sensitivity(fpr, tpr) == pytest.approx(expected)
-
-
-def synthetic_scores(size=400, seed=0):
-    rng = np.random.default_rng(seed)
-    probabilities = rng.random(size)
-    labels = (rng.random(size) < probabilities**2).astype(int)  # overconfident on purpose
-    return labels, probabilities
-
-
-def test_expected_calibration_error_uses_sklearn_calibration_bins():
-    labels, probabilities = synthetic_scores()
-    fraction, mean = calibration.calibration_curve(labels, probabilities, n_bins=10, strategy="uniform")
-    counts = np.histogram(probabilities, bins=10, range=(0, 1))[0]
-    expected = np.sum(counts[counts > 0] * np.abs(fraction - mean)) / len(labels)
-    assert analysis.expected_calibration_error(labels, probabilities) == pytest.approx(expected)
-    assert expected > 0.05
-
-
-def test_bootstrap_is_seeded_and_skips_what_one_class_cannot_give():
-    labels, probabilities = synthetic_scores()
-    first = analysis.bootstrap_intervals(labels, probabilities, 0.5, 100, seed=1)
-    assert first == analysis.bootstrap_intervals(labels, probabilities, 0.5, 100, seed=1)
-    assert first != analysis.bootstrap_intervals(labels, probabilities, 0.5, 100, seed=2)
-    melanomas = labels == common.MELANOMA
-    only_melanoma = analysis.bootstrap_intervals(labels[melanomas], probabilities[melanomas], 0.5, 50, seed=1)
-    assert only_melanoma["roc_auc"] is None and only_melanoma["specificity"] is None
-    assert only_melanoma["sensitivity"][0] <= only_melanoma["sensitivity"][1]
-
-
-@pytest.mark.parametrize(
-    ("successes", "trials", "expected"),
-    [(2, 2, [0.3424, 1.0]), (0, 10, [0.0, 0.2775]), (45, 50, [0.7864, 0.9565]), (0, 0, None)],
-)
-def test_wilson_interval_matches_published_values(successes, trials, expected):
-    interval = analysis.wilson_interval(successes, trials)
-    assert interval == (None if expected is None else pytest.approx(expected, abs=1e-4))
 
 
 def test_plain_words_for_rates():

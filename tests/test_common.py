@@ -187,16 +187,6 @@ def test_device_and_precision_choice():
             common.choose_device("cuda")
 
 
-def test_sensitivity_and_specificity_at_a_threshold():
-    labels = [1, 1, 1, 1, 0, 0, 0, 0]
-    probabilities = [0.9, 0.8, 0.6, 0.2, 0.7, 0.3, 0.1, 0.0]
-    assert common.sensitivity_specificity(labels, probabilities, 0.5) == (0.75, 0.75)
-    assert common.sensitivity_specificity(labels, probabilities, 0.6) == (0.75, 0.75)
-    assert common.sensitivity_specificity(labels, probabilities, 0.65) == (0.5, 0.75)
-    sensitivity, specificity = common.sensitivity_specificity([0, 0], [0.1, 0.9], 0.5)
-    assert np.isnan(sensitivity) and specificity == 0.5
-
-
 def test_real_sample_images_decode():
     for path in list((HAM_SAMPLE / "images").glob("*.jpg"))[:5]:
         assert common.load_image(path).size == (600, 450)
