@@ -12,15 +12,18 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 import torch
 import torchvision
 from PIL import Image, ImageFile, ImageOps
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms
+from tqdm import tqdm
 
 # --- labels and the prepared-tree file convention ------------------------------------------
 
@@ -170,6 +173,23 @@ class SkinLesionDataset(torch.utils.data.Dataset):
         return self.transform(load_image(path)), label
 
 
+class ScoringDataset(SkinLesionDataset):
+    """A folder of `mel_`/`nomel_` images scored as the app scores an upload: the checkpoint's
+    transform, plus each image's `image_facts` (as a tensor in IMAGE_FACTS order)."""
+
+    def __init__(self, folder, meta, originals_only=False):
+        super().__init__(folder, checkpoint_transform(meta))
+        if originals_only:  # augmented copies are not images the model will ever be shown
+            self.samples = [sample for sample in self.samples if not is_augmented_filename(sample[0])]
+        self.image_size = meta["image_size"]
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        image = load_image(path)
+        facts = image_facts(image, self.image_size)
+        return self.transform(image), torch.tensor([facts[name] for name in IMAGE_FACTS]), label
+
+
 # --- the model -------------------------------------------------------------------------------
 
 
@@ -270,18 +290,6 @@ def amp_name(amp_dtype):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
-def inference_amp_dtype(device):
-    """The precision every consumer scores in (validation, analysis and the app alike), so that
-    the stored threshold means the same thing everywhere: fp32 on every device.
-
-    The rule is the fastest path whose probabilities stay within 0.01 of fp32 on real images.
-    bf16 autocast (1.6x faster on an AMX CPU) moved a trained checkpoint's probabilities by up to
-    0.011 on 1,604 HAM10000 validation images, so it does not qualify; on CUDA, where fp32
-    inference costs milliseconds, nothing was measured, so fp32 it is there too."""
-    del device  # the same answer everywhere today; callers still say where they score
-    return None
-
-
 def fold_batch_norms(model):
     """Fold each eval-mode BatchNorm2d into the Conv2d just before it, in place (inference only).
 
@@ -302,12 +310,254 @@ def load_scoring_model(path, device="cpu"):
 
 
 @torch.inference_mode()
-def melanoma_probabilities(model, images, device, amp_dtype):
-    """Melanoma probability for each image of a normalised batch (N, 3, H, W), as floats."""
+def network_outputs(model, images, device):
+    """(logits, penultimate features) of a normalised batch (N, 3, H, W), as float64 arrays.
+
+    One forward pass gives both: the out-of-distribution score reads the pooled features that
+    the classifier's linear layer reads. Always fp32: bf16 moved a trained checkpoint's
+    probabilities by up to 0.011 on 1,604 HAM10000 validation images (over the 0.01 rule), and
+    every consumer must score alike for the stored threshold to mean the same thing everywhere.
+    """
+    network = getattr(model, "module", model).efficientnet
     images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
-        logits = model(images)
-    return torch.softmax(logits.float(), dim=1)[:, MELANOMA].cpu().numpy()
+    features = torch.flatten(network.avgpool(network.features(images)), 1)
+    logits = network.classifier(features)
+    return logits.double().cpu().numpy(), features.double().cpu().numpy()
+
+
+def dihedral_views(images):
+    """The 8 flips/rotations of a batch of square images: nothing is cropped or filled in."""
+    for oriented in (images, images.flip(-1)):
+        for quarter_turns in range(4):
+            yield torch.rot90(oriented, quarter_turns, dims=(-2, -1))
+
+
+@dataclass
+class ScoredImages:
+    """A scored folder, in dataset order: labels, logits, penultimate features, image facts."""
+
+    labels: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+    facts: list
+
+
+def score_dataset(model, dataset, device, batch_size=32, workers=0, tta=False, description="Scoring"):
+    """Run a ScoringDataset through the network. With `tta`, the logits are the mean over the 8
+    flips/rotations of each image; the features always come from the image as it is."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    parts = {"labels": [], "logits": [], "features": [], "facts": []}
+    # disable=None: a bar on a terminal, none in logs and pipes.
+    with tqdm(total=len(dataset), unit="img", desc=description, disable=None, leave=False) as progress:
+        for images, facts, labels in batches_with_readable_errors(loader):
+            images = images.to(device, non_blocking=True)  # once, not once per view
+            views = [
+                network_outputs(model, view, device) for view in (dihedral_views(images) if tta else [images])
+            ]
+            logits = np.mean([view_logits for view_logits, _ in views], axis=0)
+            features = views[0][1]  # the first view is the image as it is
+            parts["labels"].append(labels.numpy())
+            parts["logits"].append(logits)
+            parts["features"].append(features)
+            parts["facts"] += [dict(zip(IMAGE_FACTS, row.tolist(), strict=True)) for row in facts]
+            progress.update(len(images))
+    return ScoredImages(
+        np.concatenate(parts["labels"]),
+        np.concatenate(parts["logits"]),
+        np.concatenate(parts["features"]),
+        parts["facts"],
+    )
+
+
+def batches_with_readable_errors(loader):
+    """The loader's batches; an unreadable image stops the run with the image's one-line message.
+
+    A DataLoader worker re-raises an ImageError with the worker's whole traceback as its message;
+    the last line of that traceback is `common.ImageError: <the message>`.
+    """
+    try:
+        yield from loader
+    except ImageError as error:
+        last_line = str(error).strip().splitlines()[-1]
+        raise ImageError(last_line.removeprefix("common.ImageError: ")) from None
+
+
+# --- from the network's outputs to the answer for one image ------------------------------------
+# What scoring needs beyond the weights is fitted on the best checkpoint by model.py and stored
+# in it (see `ScoringRules`); an older checkpoint has none of it, and every stage says so.
+
+
+def melanoma_log_odds(logits):
+    """log(p / (1 - p)) of the softmax melanoma probability p, computed without rounding to 0 or 1."""
+    log_p = scipy.special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    others = scipy.special.logsumexp(np.delete(log_p, MELANOMA, axis=1), axis=1)
+    return log_p[:, MELANOMA] - others
+
+
+def melanoma_probability(logits, calibration=None):
+    """The melanoma probability shown to people, from a batch of logits."""
+    return shown_probability(melanoma_log_odds(logits), calibration)
+
+
+def shown_probability(log_odds, calibration=None):
+    """The one place a melanoma log-odds becomes the probability shown to people.
+
+    With a calibration (Platt scaling, fitted on the validation split), the log-odds are scaled
+    and shifted: the probability then means the chance of melanoma among images like the
+    validation split's, at its melanoma share. The slope is positive, so the ranking (and with
+    the threshold mapped alike, every decision) stays the same."""
+    if calibration is not None:
+        log_odds = calibration["slope"] * np.asarray(log_odds) + calibration["intercept"]
+    return scipy.special.expit(log_odds)
+
+
+def mahalanobis_scores(features, ood):
+    """Out-of-distribution score of each feature vector (Lee et al., 2018): the squared
+    Mahalanobis distance to the nearest class mean of the training images, under their shared
+    (Ledoit-Wolf shrunk) covariance. Higher means less like the images the model learnt from."""
+    scores = []
+    for mean in ood["class_means"]:
+        centred = features - mean
+        scores.append(np.einsum("nd,de,ne->n", centred, ood["precision"], centred))
+    return np.min(scores, axis=0)
+
+
+# What the answer needs to know of the decoded image besides its pixels: its size, and the
+# statistics behind the quality warnings, measured on the grey image at the model's input size
+# (so that a camera photo and a small dermoscopic crop are judged at the scale the model sees).
+QUALITY_STATISTICS = ("sharpness", "brightness", "contrast")
+IMAGE_FACTS = ("width", "height", *QUALITY_STATISTICS)
+
+
+def image_facts(image, size):
+    """{width, height, sharpness: variance of the Laplacian, brightness: mean grey level,
+    contrast: its standard deviation} of a PIL image; grey levels 0-255 at `size` x `size`."""
+    grey = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    laplacian = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
+    return {
+        "width": image.width,
+        "height": image.height,
+        "sharpness": float(laplacian.var()),
+        "brightness": float(grey.mean()),
+        "contrast": float(grey.std()),
+    }
+
+
+# Quality limits are percentiles of the training images' statistics (model.py fits them).
+QUALITY_PERCENTILE = 1
+QUALITY_WARNINGS = {
+    "sharpness_min": "the image looks blurred (less sharp than 99% of the training images)",
+    "brightness_min": "the image is very dark (darker than 99% of the training images)",
+    "brightness_max": "the image is very bright (brighter than 99% of the training images)",
+    "contrast_min": "the image has very little contrast (less than 99% of the training images)",
+}
+NOT_A_LESION = "does not look like a dermoscopic image of a skin lesion"
+# Smaller than the model's input, or more elongated than this, is scored with a warning.
+MAX_ASPECT_RATIO = 3.0
+
+
+def size_warnings(facts, image_size):
+    """Reasons the answer may be less reliable for this image's size or shape (still scored)."""
+    width, height = facts["width"], facts["height"]
+    warnings = []
+    if min(width, height) < image_size:
+        warnings.append(
+            f"the image ({width}x{height}) is smaller than the model's input "
+            f"({image_size}x{image_size}) and was enlarged: the result is less reliable"
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        warnings.append(
+            "the image is very elongated and was squeezed into a square: the result is less reliable"
+        )
+    return warnings
+
+
+class ScoringRules:
+    """A checkpoint's rules for turning the network's outputs into the answer for one image:
+    the calibration, the decision threshold, the out-of-distribution score and its threshold,
+    the image-quality limits. Built once per loaded checkpoint (`from_meta`); every stage
+    answers through it, so the app, analysis.py and model.py's test summary agree."""
+
+    def __init__(self, meta):
+        self.image_size = meta["image_size"]
+        self.threshold = float(meta["threshold"])
+        self.calibration = meta.get("calibration")
+        self.quality = meta.get("quality")
+        self.ood = meta.get("ood")
+        if self.ood is not None:  # tensors in the checkpoint; arrays here, converted once
+            self.ood = {
+                **self.ood,
+                "class_means": np.asarray(self.ood["class_means"], dtype=np.float64),
+                "precision": np.asarray(self.ood["precision"], dtype=np.float64),
+            }
+
+    @property
+    def can_flag(self):
+        return self.ood is not None
+
+    def probabilities(self, logits):
+        return melanoma_probability(logits, self.calibration)
+
+    def ood_scores(self, features):
+        """Each image's out-of-distribution score; None for each when the checkpoint has none."""
+        if self.ood is None:
+            return [None] * len(features)
+        return mahalanobis_scores(features, self.ood)
+
+    def warnings(self, facts):
+        """Size and quality warnings for one image's `image_facts` (quality: when fitted)."""
+        warnings = size_warnings(facts, self.image_size)
+        if self.quality is not None:
+            limits = self.quality["limits"]
+            failed = {
+                "sharpness_min": facts["sharpness"] < limits["sharpness_min"],
+                "brightness_min": facts["brightness"] < limits["brightness_min"],
+                "brightness_max": facts["brightness"] > limits["brightness_max"],
+                "contrast_min": facts["contrast"] < limits["contrast_min"],
+            }
+            warnings += [QUALITY_WARNINGS[name] for name, fails in failed.items() if fails]
+        return warnings
+
+    def label(self, probability):
+        return MELANOMA if probability >= self.threshold else NON_MELANOMA
+
+    def answers(self, logits, features, facts):
+        """The answer for each image of a batch: {label, probability, threshold, calibrated,
+        reliable, reasons, ood_score, ood_threshold, warnings}; `facts`: each one's image_facts."""
+        probabilities = self.probabilities(logits)
+        ood_scores = self.ood_scores(features)
+        answers = []
+        for image_facts_, probability, ood_score in zip(facts, probabilities, ood_scores, strict=True):
+            answers.append(
+                {
+                    "label": CLASS_NAMES[self.label(probability)],
+                    "probability": float(probability),
+                    "threshold": self.threshold,
+                    "calibrated": self.calibration is not None,
+                    **self.reliability(ood_score),
+                    "warnings": self.warnings(image_facts_),
+                }
+            )
+        return answers
+
+    def reliability(self, ood_score):
+        """Whether the model can judge the image: reliable is None when the checkpoint cannot tell."""
+        if ood_score is None:
+            return {
+                "reliable": None,
+                "reasons": ["this checkpoint has no out-of-distribution score: flagging is not available"],
+                "ood_score": None,
+                "ood_threshold": None,
+            }
+        flagged = bool(ood_score > self.ood["threshold"])
+        return {
+            "reliable": not flagged,
+            "reasons": [NOT_A_LESION] if flagged else [],
+            "ood_score": float(ood_score),
+            "ood_threshold": float(self.ood["threshold"]),
+        }
 
 
 # --- checkpoints -----------------------------------------------------------------------------

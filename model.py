@@ -9,6 +9,8 @@ on the test split at the decision threshold it stores (chosen on the validation 
 """
 
 import argparse
+import copy
+import functools
 import json
 import math
 import os
@@ -19,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.covariance import LedoitWolf
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import classification_report
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
@@ -52,7 +57,7 @@ PRESETS = {
 }
 
 # What `--resume` may change: where things are and how fast they run, never what is computed.
-CHANGEABLE_ON_RESUME = ("data", "out", "workers", "device", "resume")
+CHANGEABLE_ON_RESUME = ("data", "out", "workers", "device", "resume", "ood_flag_rate")
 
 # Independent random streams derived from --seed (see `derived_seed`).
 AUGMENTATION_STREAM, TRAINING_STREAM = 1, 2
@@ -174,6 +179,20 @@ def get_args_parser():
         help="seed of the initial head, data order, augmentation, dropout",
     )
     add("--resume", action="store_true", help=f"continue the run saved in OUT/{LAST_CHECKPOINT}")
+    add(
+        "--ood-flag-rate",
+        type=fraction,
+        default=0.05,
+        help="share of real validation images the 'cannot judge this image' flag may catch; "
+        "its threshold is set on val/ to flag exactly this share",
+    )
+    add(
+        "--fit-scoring-only",
+        action="store_true",
+        help=f"no training: fit calibration, the out-of-distribution score and the quality limits for "
+        f"OUT/{BEST_CHECKPOINT} (e.g. one trained before they existed, or the original project's), "
+        "then score test/",
+    )
     return parser
 
 
@@ -408,28 +427,170 @@ def gather_scores(scores, runtime):
 
 
 def score_split(model, loader, device, description="Scoring", show_progress=True):
-    """Scores of a split, computed exactly as analysis.py and app.py score images."""
+    """Uncalibrated scores of a split (during training there is no calibration yet), in fp32."""
     model = getattr(model, "module", model).eval()  # the bare model: no DDP collectives while scoring
-    amp_dtype = common.inference_amp_dtype(device)
     scores = Scores()
     for images, labels in tqdm(loader, description, leave=False, disable=not show_progress):
-        probabilities = common.melanoma_probabilities(model, images, device, amp_dtype)
+        probabilities = common.melanoma_probability(common.network_outputs(model, images, device)[0])
         labels = labels.numpy()
         scores.add(labels, probabilities, metrics.cross_entropy(labels, probabilities))
     return scores
 
 
-def choose_threshold(scores, setting="auto", target_sensitivity=0.9):
+def choose_threshold(labels, probabilities, setting="auto", target_sensitivity=0.9):
     """(threshold, the rule in plain words), from validation scores only."""
     if setting != "auto":
         return float(setting), f"fixed at {setting:g}, not chosen on data (--threshold or --preset)"
-    melanoma = np.sort(scores.probabilities[scores.labels == common.MELANOMA])[::-1]
+    melanoma = np.sort(np.asarray(probabilities)[np.asarray(labels) == common.MELANOMA])[::-1]
     if not len(melanoma):
         return 0.5, "0.5, because the validation split has no melanoma to set a sensitivity target on"
     # The k-th highest melanoma score catches k melanomas; the tolerance absorbs 0.9 * 10 = 9.000001.
     needed = max(1, math.ceil(target_sensitivity * len(melanoma) - 1e-9))
     rule = f"the highest threshold with validation sensitivity >= {target_sensitivity:g}"
     return float(melanoma[needed - 1]), rule
+
+
+# --- what scoring needs beyond the weights (fitted on the best checkpoint) ---------------------
+
+MIN_IMAGES_TO_CALIBRATE = 10  # of each class in val/: fewer make Platt scaling a guess
+
+
+def fit_calibration(labels, log_odds):
+    """(Platt scaling of the melanoma log-odds fitted on validation, None) or (None, why not).
+
+    The loss is class-weighted (a 50% melanoma prior), so the raw probability overstates
+    melanoma at HAM10000's real share of about 11%; a slope and an intercept on the log-odds fix
+    both the prior and over- or under-confidence. Isotonic regression is not used: its steps
+    tie images that the network ranks apart, which changes the AUC."""
+    counts = np.bincount(labels, minlength=len(common.CLASS_NAMES))
+    if counts.min() < MIN_IMAGES_TO_CALIBRATE:
+        return None, (
+            f"not calibrated: val/ has {counts[common.MELANOMA]} melanomas and "
+            f"{counts[common.NON_MELANOMA]} other lesions, and calibration needs "
+            f"{MIN_IMAGES_TO_CALIBRATE} of each"
+        )
+    # A weak penalty keeps the slope finite when validation happens to be perfectly separated.
+    fit = LogisticRegression(C=1e4).fit(log_odds[:, None], labels)
+    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if slope <= 0:
+        return None, "not calibrated: on val/ the network does not rank melanomas above other lesions"
+    calibration = {
+        "method": "platt",
+        "slope": slope,
+        "intercept": intercept,
+        "n_images": int(len(labels)),
+        "melanoma_share": float(np.mean(labels == common.MELANOMA)),
+        "rule": "Platt scaling of the melanoma log-odds, fitted on the validation split: the probability "
+        "is the chance of melanoma at the validation split's melanoma share",
+    }
+    return calibration, None
+
+
+def fit_ood(train, val_features, flag_rate):
+    """The out-of-distribution score's statistics (class means and the shared precision matrix
+    of the training images' penultimate features) and its threshold: the validation score that
+    `flag_rate` of the real validation images exceed."""
+    classes = np.unique(train.labels)
+    means = np.stack([train.features[train.labels == label].mean(axis=0) for label in classes])
+    centred = train.features - means[np.searchsorted(classes, train.labels)]
+    # Ledoit-Wolf shrinkage: a usable inverse even with fewer images than feature dimensions.
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    ood = {"class_means": means, "precision": precision}
+    threshold = float(np.quantile(common.mahalanobis_scores(val_features, ood), 1 - flag_rate))
+    return {
+        "method": "mahalanobis",
+        "class_means": torch.tensor(means, dtype=torch.float32),
+        "precision": torch.tensor(precision, dtype=torch.float32),
+        "threshold": threshold,
+        "flag_rate": float(flag_rate),
+        "n_train_images": int(len(train.labels)),
+        "rule": f"flagged when the Mahalanobis distance of the penultimate features to the nearest class "
+        f"of original training images exceeds the value that {flag_rate:.0%} of validation images exceed",
+    }
+
+
+def fit_quality_limits(facts):
+    """Limits of the image-quality warnings: percentiles of the training images' statistics."""
+    values = {name: np.array([image[name] for image in facts]) for name in common.QUALITY_STATISTICS}
+    low, high = common.QUALITY_PERCENTILE, 100 - common.QUALITY_PERCENTILE
+    return {
+        "limits": {
+            "sharpness_min": float(np.percentile(values["sharpness"], low)),
+            "brightness_min": float(np.percentile(values["brightness"], low)),
+            "brightness_max": float(np.percentile(values["brightness"], high)),
+            "contrast_min": float(np.percentile(values["contrast"], low)),
+        },
+        "n_images": len(facts),
+        "rule": f"a warning below the {low}st percentile (or above the {high}th) of the original "
+        "training images' sharpness (variance of the Laplacian), brightness and contrast",
+    }
+
+
+def fit_scoring_rules(best_path, args, device):
+    """Fit what scoring needs beyond the weights on the best checkpoint, as the app will run it,
+    and store it there: calibration (val/), the decision threshold on the calibrated scale, the
+    out-of-distribution score (original train/ images; threshold on val/), quality limits."""
+    weights, meta = common.load_checkpoint(best_path, device)
+    model = common.fold_batch_norms(copy.deepcopy(weights))  # the network as the app runs it
+    print(f"Fitting calibration, out-of-distribution score and quality limits for {best_path}.")
+    data = Path(args.data)
+    score = functools.partial(
+        common.score_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers
+    )
+    train = score(common.ScoringDataset(data / "train", meta, originals_only=True), description="Train")
+    val = score(common.ScoringDataset(data / "val", meta), description="Validation")
+    log_odds = common.melanoma_log_odds(val.logits)
+    calibration, not_calibrated = fit_calibration(val.labels, log_odds)
+    raw = common.shown_probability(log_odds)
+    calibrated = common.shown_probability(log_odds, calibration)
+    # The same rule on both scales picks the same validation image as the threshold, so the
+    # calibrated threshold makes exactly the decisions the uncalibrated one makes.
+    raw_threshold, rule = choose_threshold(val.labels, raw, args.threshold, args.target_sensitivity)
+    threshold, _ = choose_threshold(val.labels, calibrated, args.threshold, args.target_sensitivity)
+    if args.threshold != "auto" and calibration is not None:
+        threshold = float(common.shown_probability(scipy.special.logit(raw_threshold), calibration))
+    meta.update(
+        threshold=threshold,
+        threshold_rule=rule,
+        threshold_uncalibrated=raw_threshold,
+        calibration=calibration and {**calibration, **calibration_change(val.labels, raw, calibrated)},
+        not_calibrated=not_calibrated,
+        ood=fit_ood(train, val.features, args.ood_flag_rate),
+        quality=fit_quality_limits(train.facts),
+    )
+    common.save_checkpoint(best_path, weights, meta)
+    print(describe_scoring_rules(meta, val.labels))
+    return meta
+
+
+def describe_scoring_rules(meta, val_labels):
+    calibration = meta["calibration"]
+    if calibration is None:
+        calibrated = meta["not_calibrated"]
+    else:
+        before, after = (calibration[f"val_expected_calibration_error_{t}"] for t in ("before", "after"))
+        calibrated = (
+            f"calibrated on {calibration['n_images']} validation images (melanoma share "
+            f"{calibration['melanoma_share']:.1%}): ECE {before:.3f} -> {after:.3f}"
+        )
+    quality = meta["quality"]["limits"]
+    return (
+        f"Probability: {calibrated}. Threshold {meta['threshold']:.4f} on the shown probability "
+        f"({meta['threshold_uncalibrated']:.4f} before calibration; {meta['threshold_rule']}).\n"
+        f"Out-of-distribution: flags {meta['ood']['flag_rate']:.0%} of {len(val_labels)} validation "
+        f"images (score above {meta['ood']['threshold']:.1f}), fitted on {meta['ood']['n_train_images']} "
+        f"original training images.\n"
+        f"Quality limits: sharpness >= {quality['sharpness_min']:.1f}, brightness "
+        f"{quality['brightness_min']:.1f} to {quality['brightness_max']:.1f}, "
+        f"contrast >= {quality['contrast_min']:.1f}."
+    )
+
+
+def calibration_change(labels, raw, calibrated):
+    before, after = metrics.calibration_metrics(labels, raw), metrics.calibration_metrics(labels, calibrated)
+    return {f"val_{name}_before": before[name] for name in before} | {
+        f"val_{name}_after": after[name] for name in after
+    }
 
 
 def validation_metrics(scores, threshold):
@@ -641,7 +802,9 @@ def summary_line(record, epochs, is_best):
 
 
 def save_best(args, trainer, val_scores, epoch, out, monitor):
-    threshold, rule = choose_threshold(val_scores, args.threshold, args.target_sensitivity)
+    threshold, rule = choose_threshold(
+        val_scores.labels, val_scores.probabilities, args.threshold, args.target_sensitivity
+    )
     meta = common.checkpoint_metadata(
         image_size=args.image_size,
         threshold=threshold,
@@ -778,18 +941,23 @@ def with_interval(value, interval):
     return f"{value:.4f}" + ("" if interval is None else f" (95% CI {interval[0]:.3f} to {interval[1]:.3f})")
 
 
-def evaluate_best_on_test(args, runtime, best_path):
+def evaluate_best_on_test(args, device, best_path):
     """Score test/ with the best checkpoint, loaded and scored as analysis.py and the app do."""
     if not has_test_split(args.data):
         print(f"Note: {args.data}/test has no images, so there is no test evaluation.")
         return None
-    model, meta = common.load_scoring_model(best_path, runtime.device)
+    model, meta = common.load_scoring_model(best_path, device)
     print(
         f"Testing {best_path} (epoch {meta['epoch']}; threshold {meta['threshold']:.4f}, "
         f"{meta['threshold_rule']})."
     )
-    images = common.SkinLesionDataset(Path(args.data) / "test", common.checkpoint_transform(meta))
-    scores = score_split(model, make_loader(images, args, runtime), runtime.device, "Testing")
+    test = common.score_dataset(
+        model, common.ScoringDataset(Path(args.data) / "test", meta), device, args.batch_size, args.workers
+    )
+    rules = common.ScoringRules(meta)
+    flagged = [not answer["reliable"] for answer in rules.answers(test.logits, test.features, test.facts)]
+    print(f"Flagged as not judgeable (out of distribution): {sum(flagged)} of {len(flagged)} test images.")
+    scores = Scores(test.labels, rules.probabilities(test.logits), np.zeros(len(test.labels)))
     return print_test_summary(scores, meta["threshold"])
 
 
@@ -811,12 +979,19 @@ def main(argv=None):
         resume_state = load_last_checkpoint(Path(args.out) / LAST_CHECKPOINT)
         args = settings_for_resume(args, parser, resume_state["args"])
     check_data_folder(args.data)
+    if args.fit_scoring_only:
+        device = common.choose_device(args.device)
+        best_path = Path(args.out) / BEST_CHECKPOINT
+        fit_scoring_rules(best_path, args, device)
+        evaluate_best_on_test(args, device, best_path)
+        return
     runtime = start_runtime(args)
     try:
         runtime.log(f"Weights: {describe_weights(args.weights)}.")
         best_path = train_model(args, runtime, resume_state)
         if runtime.is_main:
-            evaluate_best_on_test(args, runtime, best_path)
+            fit_scoring_rules(best_path, args, runtime.device)
+            evaluate_best_on_test(args, runtime.device, best_path)
     except KeyboardInterrupt:
         print(f"Interrupted: continue with --resume --out {args.out}", file=sys.stderr)
         sys.exit(130)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_IMAGE_SIZE, assert_one_line_error, make_prepared_folder, run_script
@@ -111,28 +110,21 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(prepared):
 # --- the decision threshold -------------------------------------------------------------------
 
 
-def scores(labels, probabilities):
-    return model.Scores(np.array(labels), np.array(probabilities, dtype=float), np.zeros(len(labels)))
-
-
 def test_threshold_is_the_highest_reaching_the_target_sensitivity():
-    validation = scores(
-        [1] * 10 + [0] * 3, [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1, 0.2, 0.25, 0.05]
-    )
-    threshold, rule = model.choose_threshold(validation, "auto", 0.9)
+    labels = [1] * 10 + [0] * 3
+    probabilities = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1, 0.2, 0.25, 0.05]
+    threshold, rule = model.choose_threshold(labels, probabilities, "auto", 0.9)
     assert threshold == 0.3  # catches 9 of 10 melanomas (0.9 exactly, despite 0.9 * 10 = 9.000...1)
-    sensitivity, specificity = metrics.sensitivity_specificity(
-        validation.labels, validation.probabilities, threshold
-    )
+    sensitivity, specificity = metrics.sensitivity_specificity(labels, probabilities, threshold)
     assert sensitivity == 0.9 and specificity == 1.0
     assert "sensitivity >= 0.9" in rule
-    assert model.choose_threshold(validation, "auto", 1.0)[0] == 0.1
+    assert model.choose_threshold(labels, probabilities, "auto", 1.0)[0] == 0.1
 
 
 def test_fixed_and_fallback_thresholds():
-    threshold, rule = model.choose_threshold(scores([1, 0], [0.9, 0.1]), 0.5, 0.9)
+    threshold, rule = model.choose_threshold([1, 0], [0.9, 0.1], 0.5, 0.9)
     assert threshold == 0.5 and "fixed at 0.5" in rule
-    threshold, rule = model.choose_threshold(scores([0, 0], [0.9, 0.1]), "auto", 0.9)
+    threshold, rule = model.choose_threshold([0, 0], [0.9, 0.1], "auto", 0.9)
     assert threshold == 0.5 and "no melanoma" in rule
 
 
