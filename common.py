@@ -1,7 +1,7 @@
 """What the four stages share: labels, file names, images, the model, checkpoints, devices.
 
 Nothing stage-specific lives here. Every stage reads image size, normalisation and the
-decision threshold from the checkpoint (see DESIGN.md), through the helpers below.
+decision threshold from the checkpoint (see docs/design.md), through the helpers below.
 """
 
 import argparse
