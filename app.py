@@ -26,7 +26,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from werkzeug.exceptions import HTTPException
 
 import common
-import metrics
 
 MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -42,9 +41,8 @@ MAGIC_NUMBERS = {
 ALLOWED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP or TIFF"
 
 # Smaller than this there is no lesion to see: refused. Smaller than the model's input size,
-# or more elongated than MAX_ASPECT_RATIO, is scored with a warning (it gets stretched).
+# or very elongated, is scored with a warning (common.size_warnings).
 MIN_IMAGE_SIDE = 32
-MAX_ASPECT_RATIO = 3.0
 HEATMAP_MAX_SIDE = 384
 # Most waiting uploads scored in one forward pass (in flight are at most the server's --threads).
 MAX_BATCH = 8
@@ -90,7 +88,7 @@ class Predictor:
     def _load(self, checkpoint_path):
         self.model, self.meta = common.load_scoring_model(checkpoint_path, self.device)
         self.transform = common.checkpoint_transform(self.meta)
-        self.amp_dtype = common.inference_amp_dtype(self.device)
+        self.rules = common.ScoringRules(self.meta)
         self.torch_threads = torch.get_num_threads()
         # Grad-CAM needs gradients only from the head down to its target layer: with every
         # other weight frozen its backward pass stops there (about the cost of one forward).
@@ -99,19 +97,26 @@ class Predictor:
         self.cam_layer.requires_grad_(True)
 
     def summary(self):
-        return {key: self.meta.get(key) for key in ("arch", "image_size", "weights", "trained_at")}
+        return {
+            **{key: self.meta.get(key) for key in ("arch", "image_size", "weights", "trained_at")},
+            "calibrated": self.rules.calibration is not None,
+            "melanoma_share": (self.rules.calibration or {}).get("melanoma_share"),
+            "can_flag_images": self.rules.can_flag,
+        }
 
     def _batch(self, image):
         return self.transform(image).unsqueeze(0).to(self.device, memory_format=torch.channels_last)
 
-    def melanoma_probability(self, image):
-        """The melanoma probability of a decoded PIL image.
+    def answer(self, image):
+        """The answer for a decoded PIL image (common.ScoringRules.answers): calibrated melanoma
+        probability, label, whether the model can judge the image, warnings.
 
         Images that arrive while the model is busy wait, and are then scored together in one
         forward pass: a batch of 4 costs about 20% less per image than 4 single passes on 2
-        cores, so under load the server answers more requests per second."""
+        cores, so under load the server answers more requests per second. The image's facts
+        (size, sharpness, ...) are measured here, on the request's thread, meanwhile."""
         answer = Future()
-        self.waiting.put((image, answer))
+        self.waiting.put((image, common.image_facts(image, self.meta["image_size"]), answer))
         self.executor.submit(self._score_waiting)
         return answer.result()
 
@@ -124,17 +129,15 @@ class Predictor:
         if not jobs:
             return
         try:
-            batch = torch.cat([self._batch(image) for image, _ in jobs])
-            probabilities = common.melanoma_probabilities(self.model, batch, self.device, self.amp_dtype)
+            batch = torch.cat([self._batch(image) for image, _, _ in jobs])
+            logits, features = common.network_outputs(self.model, batch, self.device)
+            answers = self.rules.answers(logits, features, [facts for _, facts, _ in jobs])
         except Exception as error:  # every request of the batch gets it (a JSON 500)
-            for _, answer in jobs:
+            for _, _, answer in jobs:
                 answer.set_exception(error)
             return
-        for (_, answer), probability in zip(jobs, probabilities, strict=True):
-            answer.set_result(float(probability))
-
-    def label(self, probability):
-        return int(metrics.predict_labels([probability], self.meta["threshold"])[0])
+        for (_, _, future), answer in zip(jobs, answers, strict=True):
+            future.set_result(answer)
 
     def _heatmap(self, image, label):
         cam = GradCAM(model=self.model, target_layers=[self.cam_layer])
@@ -155,7 +158,8 @@ class Predictor:
         """Pay the first-call costs (kernel selection, allocations) before the first user does."""
         size = self.meta["image_size"]
         image = Image.new("RGB", (size, size), (180, 120, 100))
-        self.heatmap(image, self.label(self.melanoma_probability(image)))
+        self.answer(image)
+        self.heatmap(image, common.MELANOMA)
 
 
 def detect_format(head):
@@ -193,21 +197,6 @@ def decode_upload(data, image_size):
     return image
 
 
-def image_warnings(image, image_size):
-    """Reasons the answer may be less reliable for this image (it is still scored)."""
-    warnings = []
-    if min(image.size) < image_size:
-        warnings.append(
-            f"the image ({image.width}x{image.height}) is smaller than the model's input "
-            f"({image_size}x{image_size}) and was enlarged: the result is less reliable"
-        )
-    if max(image.size) / min(image.size) > MAX_ASPECT_RATIO:
-        warnings.append(
-            "the image is very elongated and was squeezed into a square: the result is less reliable"
-        )
-    return warnings
-
-
 def heatmap_data_url(image, mask):
     """The Grad-CAM mask laid over the upload (aspect kept, at most HEATMAP_MAX_SIDE), as a PNG."""
     shown = image.copy()
@@ -232,18 +221,12 @@ def predict_upload(predictor, explain):
     timing = {"decode": milliseconds_since(start)}
 
     model_start = time.perf_counter()
-    probability = predictor.melanoma_probability(image)
-    label = predictor.label(probability)
+    answer = predictor.answer(image)
     timing["model"] = milliseconds_since(model_start)
-    answer = {
-        "label": common.CLASS_NAMES[label],
-        "probability": round(probability, 6),
-        "threshold": predictor.meta["threshold"],
-        "model": predictor.summary(),
-        "warnings": image_warnings(image, image_size),
-    }
+    answer = {**answer, "probability": round(answer["probability"], 6), "model": predictor.summary()}
     if explain:
         heatmap_start = time.perf_counter()
+        label = common.CLASS_NAMES.index(answer["label"])
         answer["heatmap"] = heatmap_data_url(image, predictor.heatmap(image, label))
         timing["heatmap"] = milliseconds_since(heatmap_start)
     timing["total"] = milliseconds_since(start)
@@ -324,7 +307,7 @@ def create_app(
             model=predictor.summary(),
             threshold=predictor.meta["threshold"],
             device=str(predictor.device),
-            precision=common.amp_name(predictor.amp_dtype),
+            precision="fp32",
             torch_threads=predictor.torch_threads,
         )
 

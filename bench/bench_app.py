@@ -98,17 +98,21 @@ def post_concurrently(base_url, uploads, requests, clients):
 
 
 def precision_gap(checkpoint, paths):
-    """Largest |probability in the app's precision - fp32 probability| over the images `paths`."""
+    """Largest |served probability - plain fp32 network's probability| over the images `paths`:
+    what the served network (batch norms folded into convolutions) changes."""
     device = torch.device("cpu")
-    model, meta = common.load_scoring_model(checkpoint, device)
+    served_model, meta = common.load_scoring_model(checkpoint, device)
+    plain_model, _ = common.load_checkpoint(checkpoint, device)
     transform = common.checkpoint_transform(meta)
     gaps = []
     for start in range(0, len(paths), 64):  # batches of 64 keep 384-px memory modest
         images = [common.load_image(path, min_size=meta["image_size"]) for path in paths[start : start + 64]]
         batch = torch.stack([transform(image) for image in images])
-        fp32 = common.melanoma_probabilities(model, batch, device, None)
-        served = common.melanoma_probabilities(model, batch, device, common.inference_amp_dtype(device))
-        gaps.append(np.abs(served - fp32).max())
+        plain, served = (
+            common.melanoma_probability(common.network_outputs(model, batch, device)[0])
+            for model in (plain_model, served_model)
+        )
+        gaps.append(np.abs(served - plain).max())
     return float(max(gaps))
 
 

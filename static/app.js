@@ -50,18 +50,32 @@ document.addEventListener("DOMContentLoaded", () => {
   // A file the browser cannot display (e.g. TIFF) has no preview; it can still be checked.
   preview.addEventListener("error", () => { preview.hidden = true; });
 
+  // What the shown probability means: calibrated to a melanoma share, or the raw network output.
+  function probabilityMeaning(model) {
+    if (model.calibrated) {
+      const share = (model.melanoma_share * 100).toFixed(0);
+      return `Calibrated: about the chance of melanoma among lesions like the validation images, of which ${share}% were melanomas.`;
+    }
+    return "Not calibrated: this model's output is a score, not a chance of melanoma.";
+  }
+
   function showResult(answer) {
     const percent = (answer.probability * 100).toFixed(1);
-    document.getElementById("result-label").textContent = answer.label;
-    result.dataset.label = answer.label === "Melanoma" ? "melanoma" : "non-melanoma";
+    // reliable: true, false, or null when this model cannot tell (no out-of-distribution score).
+    const judgeable = answer.reliable !== false;
+    document.getElementById("result-label").textContent = judgeable ? answer.label : "Cannot judge this image";
+    result.dataset.label = !judgeable ? "cannot-judge" : answer.label === "Melanoma" ? "melanoma" : "non-melanoma";
+    document.getElementById("cannot-judge").hidden = judgeable;
+    document.getElementById("probability-meaning").textContent = probabilityMeaning(answer.model);
     document.getElementById("probability").textContent = `${percent}%`;
     document.getElementById("bar-fill").style.width = `${percent}%`;
     document.getElementById("bar-threshold").style.left = `${answer.threshold * 100}%`;
     document.getElementById("threshold").textContent = `${(answer.threshold * 100).toFixed(1)}%`;
     const warnings = document.getElementById("warnings");
-    warnings.replaceChildren(...answer.warnings.map((text) => {
+    const notes = answer.reliable === null ? [...answer.warnings, ...answer.reasons] : answer.warnings;
+    warnings.replaceChildren(...notes.map((text) => {
       const item = document.createElement("li");
-      item.textContent = text;
+      item.textContent = sentence(text);
       return item;
     }));
     document.getElementById("heatmap").src = answer.heatmap;

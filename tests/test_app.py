@@ -30,8 +30,10 @@ from bench import bench_app
 SMALL_JPEG = SAMPLE / "images" / "ISIC_0024306.jpg"  # 300x225, bundled
 HAM_JPEG = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[0]  # 600x450
 LARGE_JPEG = LARGE_PHOTOS / "images" / "ISIC_0013828.jpg"  # 3008x2000, 2.8 MB
-MODEL_FIELDS = {"arch", "image_size", "weights", "trained_at"}
-ANSWER_FIELDS = {"label", "probability", "threshold", "model", "warnings", "timing_ms"}
+MODEL_FIELDS = {"arch", "image_size", "weights", "trained_at", "calibrated", "melanoma_share"}
+MODEL_FIELDS |= {"can_flag_images"}
+ANSWER_FIELDS = {"label", "probability", "threshold", "model", "warnings", "timing_ms", "calibrated"}
+ANSWER_FIELDS |= {"reliable", "reasons", "ood_score", "ood_threshold"}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,8 @@ def direct_probability(checkpoint, image):
     device = torch.device("cpu")
     model, meta = common.load_scoring_model(checkpoint, device)
     batch = common.checkpoint_transform(meta)(image).unsqueeze(0)
-    return float(common.melanoma_probabilities(model, batch, device, common.inference_amp_dtype(device))[0])
+    logits, _ = common.network_outputs(model, batch, device)
+    return float(common.ScoringRules(meta).probabilities(logits)[0])
 
 
 # --- routes and answers ------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def test_healthz_reports_the_model(client):
     assert set(answer["model"]) == MODEL_FIELDS
     assert answer["model"]["image_size"] == TINY_IMAGE_SIZE
     assert answer["threshold"] == 0.5
-    assert answer["precision"] == common.amp_name(common.inference_amp_dtype(torch.device("cpu")))
+    assert answer["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("path", [SMALL_JPEG, HAM_JPEG, LARGE_JPEG], ids=["300x225", "600x450", "3008x2000"])
@@ -270,7 +273,7 @@ def test_an_unexpected_failure_is_a_json_500_without_details(client, flask_app, 
     def broken(image):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(flask_app.extensions["predictor"], "melanoma_probability", broken)
+    monkeypatch.setattr(flask_app.extensions["predictor"], "answer", broken)
     response = post(client, SMALL_JPEG.read_bytes())
     assert response.status_code == 500
     assert set(response.get_json()) == {"error"}
@@ -283,7 +286,7 @@ def test_an_unexpected_failure_is_a_json_500_without_details(client, flask_app, 
 # --- the precision rule --------------------------------------------------------------------------
 
 
-def test_inference_precision_stays_within_001_of_fp32_on_real_images(tmp_path):
+def test_served_network_stays_within_001_of_the_plain_fp32_network_on_real_images(tmp_path):
     # bench/bench_app.py --model prints the same gap for a trained checkpoint.
     photos = (
         sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:6]
