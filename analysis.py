@@ -19,11 +19,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skmetrics
-from tqdm import tqdm
 
 import common
 import metrics
@@ -186,50 +184,42 @@ def distribution_table(rows):
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def dihedral_views(images):
-    """The 8 flips/rotations of a batch of square images: nothing is cropped or filled in."""
-    for oriented in (images, images.flip(-1)):
-        for quarter_turns in range(4):
-            yield torch.rot90(oriented, quarter_turns, dims=(-2, -1))
-
-
-def batch_probabilities(model, images, device, amp_dtype, tta):
-    """Melanoma probabilities of one batch; with `tta`, the mean over its 8 dihedral views."""
-    if not tta:
-        return common.melanoma_probabilities(model, images, device, amp_dtype)
-    images = images.to(device, non_blocking=True)  # once, not once per view
-    views = [common.melanoma_probabilities(model, view, device, amp_dtype) for view in dihedral_views(images)]
-    return np.mean(views, axis=0)
-
-
-@torch.inference_mode()
 def score_folder(model, dataset, device, batch_size, workers, tta):
-    """(melanoma probability of each image in dataset order, images scored per second)."""
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
-    )
-    amp_dtype = common.inference_amp_dtype(device)
-    probabilities = []
+    """(common.ScoredImages of the folder, images scored per second)."""
     start = time.perf_counter()
-    # disable=None: a bar on a terminal, none in logs and pipes.
-    with tqdm(total=len(dataset), unit="img", desc="Scoring", disable=None) as progress:
-        for images, _ in batches_with_readable_errors(loader):
-            probabilities.append(batch_probabilities(model, images, device, amp_dtype, tta))
-            progress.update(len(images))
-    return np.concatenate(probabilities), len(dataset) / (time.perf_counter() - start)
+    scored = common.score_dataset(model, dataset, device, batch_size, workers, tta)
+    return scored, len(dataset) / (time.perf_counter() - start)
 
 
-def batches_with_readable_errors(loader):
-    """The loader's batches; an unreadable image stops the run with the image's one-line message.
-
-    A DataLoader worker re-raises an ImageError with the worker's whole traceback as its message;
-    the last line of that traceback is `common.ImageError: <the message>`.
-    """
-    try:
-        yield from loader
-    except common.ImageError as error:
-        last_line = str(error).strip().splitlines()[-1]
-        raise common.ImageError(last_line.removeprefix("common.ImageError: ")) from None
+def trust_summary(labels, uncalibrated, answers, rules, paths, resamples, seed):
+    """What the checkpoint's scoring rules say about the folder: calibration before and after,
+    which images it flags as not judgeable, the metrics on the others, the quality warnings."""
+    probabilities = np.array([answer["probability"] for answer in answers])
+    flagged = np.array([answer["reliable"] is False for answer in answers], dtype=bool)
+    unflagged = None
+    if flagged.any() and not flagged.all():
+        kept = ~flagged
+        unflagged = metrics.evaluate(labels[kept], probabilities[kept], rules.threshold, resamples, seed)
+    return {
+        "calibration": {
+            "calibrated": rules.calibration is not None,
+            "rule": (rules.calibration or {}).get("rule"),
+            "before": metrics.calibration_metrics(labels, uncalibrated),
+            "after": metrics.calibration_metrics(labels, probabilities),
+        },
+        "flagging": {
+            "available": rules.can_flag,
+            "rule": (rules.ood or {}).get("rule"),
+            "n_flagged": int(flagged.sum()),
+            "flagged_files": [
+                path.name for path, is_flagged in zip(paths, flagged, strict=True) if is_flagged
+            ],
+        },
+        "unflagged": unflagged,
+        "warnings": dict(
+            Counter(warning for answer in answers for warning in answer["warnings"]).most_common()
+        ),
+    }
 
 
 # --- plots (one figure per function, saved by the caller) ------------------------------------
@@ -577,9 +567,15 @@ OPERATING_POINT_THRESHOLDS = {
 }
 
 
-def metric_lines(result):
+# The metrics repeated for the unflagged images (calibration is reported once, for all).
+RANKING_AND_DECISION_LINES = tuple(
+    line for line in METRIC_LINES if line[1] not in ("brier_score", "expected_calibration_error")
+)
+
+
+def metric_lines(result, lines_shown=METRIC_LINES):
     lines = []
-    for label, key in METRIC_LINES:
+    for label, key in lines_shown:
         value = result[key]
         text = (
             f"undefined ({UNDEFINED_BECAUSE.get(key, 'needs both classes')})"
@@ -622,6 +618,41 @@ def distribution_lines(distribution, source):
     return lines
 
 
+FLAGGED_LISTED = 20
+
+
+def trust_lines(result):
+    """Calibration before and after, the images the model cannot judge, the quality warnings."""
+    calibration, flagging = result["calibration"], result["flagging"]
+    before, after = calibration["before"], calibration["after"]
+    if calibration["calibrated"]:
+        lines = [
+            f"Calibration: {calibration['rule']}.",
+            f"  ECE {before['expected_calibration_error']:.3f} before, "
+            f"{after['expected_calibration_error']:.3f} after; Brier score {before['brier_score']:.3f} "
+            f"before, {after['brier_score']:.3f} after.",
+        ]
+    else:
+        lines = ["Calibration: none in this checkpoint; the probabilities are the network's raw output."]
+    if not flagging["available"]:
+        return [*lines, "Flagging: not available (this checkpoint has no out-of-distribution score)."]
+    files = flagging["flagged_files"]
+    lines += [
+        f"Flagged as not judgeable: {flagging['n_flagged']} of {result['n_images']} images "
+        f"({flagging['rule']}).",
+        *(f"  {name}" for name in files[:FLAGGED_LISTED]),
+    ]
+    if len(files) > FLAGGED_LISTED:
+        lines.append(f"  ... and {len(files) - FLAGGED_LISTED} more (metrics.json lists all)")
+    if result["unflagged"] is not None:
+        kept = result["unflagged"]
+        lines.append(f"Metrics on the {kept['n_images']} unflagged images:")
+        lines += metric_lines(kept, RANKING_AND_DECISION_LINES)
+    lines.append("Quality warnings: " + ("none" if not result["warnings"] else ""))
+    lines += [f"  {count} x {warning}" for warning, count in result["warnings"].items()]
+    return lines
+
+
 def known(value):
     return "not recorded" if value is None else value
 
@@ -657,6 +688,8 @@ def summary_report(result, context):
         "",
         "Confusion matrix (rows: true class, columns: predicted class):",
         *confusion_lines(result["confusion_matrix"]),
+        "",
+        *trust_lines(result),
         "",
         *distribution_lines(context["class_distribution"], context["class_distribution_source"]),
     ]
@@ -697,7 +730,24 @@ def write_csv(path, header, rows):
         writer.writerows(rows)
 
 
-def draw_figures(labels, probabilities, result, context, errors, per_kind):
+def calibration_series(result, uncalibrated, probabilities):
+    """The reliability diagram's curves: before calibration (when there is one) and as shown."""
+    calibration = result["calibration"]
+    shown = (
+        probabilities,
+        calibration["after"]["brier_score"],
+        calibration["after"]["expected_calibration_error"],
+    )
+    if not calibration["calibrated"]:
+        return {"model (not calibrated)": shown}
+    before = calibration["before"]
+    return {
+        "before calibration": (uncalibrated, before["brier_score"], before["expected_calibration_error"]),
+        "calibrated (shown)": shown,
+    }
+
+
+def draw_figures(labels, probabilities, uncalibrated, result, context, errors, per_kind):
     """{file name: Figure}; learning_curves.png only when there is a training history."""
     threshold = result["threshold"]
     figures = {
@@ -706,9 +756,7 @@ def draw_figures(labels, probabilities, result, context, errors, per_kind):
         "roc_curve.png": plot_roc_curve(labels, probabilities, result),
         "precision_recall_curve.png": plot_precision_recall_curve(labels, probabilities, result),
         "threshold_curve.png": plot_threshold_curve(labels, probabilities, threshold),
-        "calibration.png": plot_calibration(
-            labels, {"model": (probabilities, result["brier_score"], result["expected_calibration_error"])}
-        ),
+        "calibration.png": plot_calibration(labels, calibration_series(result, uncalibrated, probabilities)),
         "misclassified.png": plot_misclassified(*errors, threshold, per_kind),
     }
     if context["history"] is not None:
@@ -716,26 +764,53 @@ def draw_figures(labels, probabilities, result, context, errors, per_kind):
     return figures
 
 
-def prediction_rows(paths, labels, probabilities, threshold):
+PREDICTION_COLUMNS = (
+    "file",
+    "label",
+    "probability",
+    "predicted",
+    "probability_uncalibrated",
+    "ood_score",
+    "flagged",
+    "warnings",
+)
+
+
+def prediction_rows(paths, labels, uncalibrated, answers, threshold):
+    """One row per image: the shown (calibrated) probability and the decision at the threshold,
+    the probability before calibration, the out-of-distribution score and flag, the warnings."""
+    probabilities = [answer["probability"] for answer in answers]
     decisions = metrics.predict_labels(probabilities, threshold)
+    rows = zip(paths, labels, uncalibrated, answers, decisions, strict=True)
     return [
-        (path.name, int(label), float(probability), int(decision))
-        for path, label, probability, decision in zip(paths, labels, probabilities, decisions, strict=True)
+        (
+            path.name,
+            int(label),
+            answer["probability"],
+            int(decision),
+            float(raw),
+            "" if answer["ood_score"] is None else answer["ood_score"],
+            {True: "no", False: "yes", None: ""}[answer["reliable"]],
+            "; ".join(answer["warnings"]),
+        )
+        for path, label, raw, answer, decision in rows
     ]
 
 
-def write_results(out, paths, labels, probabilities, result, context, per_kind):
+def write_results(out, paths, labels, uncalibrated, answers, result, context, per_kind):
     """Every output file, staged first (see `staged_results`); returns the report's text."""
+    probabilities = np.array([answer["probability"] for answer in answers])
     errors = misclassified_rows(paths, labels, probabilities, result["threshold"])
     report = summary_report(result, context)
     metrics = {**result, "model": context["model"], "run": run_facts(context)}
+    figures = draw_figures(labels, probabilities, uncalibrated, result, context, errors, per_kind)
     with staged_results(out) as folder:
-        for name, figure in draw_figures(labels, probabilities, result, context, errors, per_kind).items():
+        for name, figure in figures.items():
             figure.savefig(folder / name, dpi=DPI)
         write_csv(
             folder / "predictions.csv",
-            ("file", "label", "probability", "predicted"),
-            prediction_rows(paths, labels, probabilities, result["threshold"]),
+            PREDICTION_COLUMNS,
+            prediction_rows(paths, labels, uncalibrated, answers, result["threshold"]),
         )
         write_csv(
             folder / "misclassified.csv",
@@ -778,16 +853,21 @@ def main(argv=None):
     # Every input is checked before the slow scoring starts.
     device = common.choose_device(args.device)
     model, meta = common.load_scoring_model(args.model, device)
-    dataset = common.SkinLesionDataset(args.data, common.checkpoint_transform(meta))
+    dataset = common.ScoringDataset(args.data, meta)
     history = read_history(args.history)
     distribution, distribution_source = class_distribution(args.data)
 
-    probabilities, speed = score_folder(model, dataset, device, args.batch_size, args.workers, args.tta)
-    precision = common.amp_name(common.inference_amp_dtype(device))
+    scored, speed = score_folder(model, dataset, device, args.batch_size, args.workers, args.tta)
+    precision = "fp32"
     setting = f"{device}, {precision}, TTA {on_off(args.tta)}"
     print(f"Scored {len(dataset):,} images, {speed:.1f} images/s ({setting})")
-    labels = np.asarray(dataset.labels)
-    result = metrics.evaluate(labels, probabilities, meta["threshold"], args.bootstrap, args.seed)
+    rules = common.ScoringRules(meta)
+    answers = rules.answers(scored.logits, scored.features, scored.facts)
+    uncalibrated = common.melanoma_probability(scored.logits)
+    labels = scored.labels
+    probabilities = np.array([answer["probability"] for answer in answers])
+    result = metrics.evaluate(labels, probabilities, rules.threshold, args.bootstrap, args.seed)
+    result |= trust_summary(labels, uncalibrated, answers, rules, dataset.paths, args.bootstrap, args.seed)
     context = {
         "model": model_facts(args.model, meta),
         "data": str(args.data),
@@ -800,7 +880,7 @@ def main(argv=None):
         "tta": args.tta,
         "images_per_second": speed,
     }
-    print(write_results(out, dataset.paths, labels, probabilities, result, context, args.gallery))
+    print(write_results(out, dataset.paths, labels, uncalibrated, answers, result, context, args.gallery))
     print(f"Results written to {out}/")
 
 

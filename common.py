@@ -352,12 +352,7 @@ def score_dataset(model, dataset, device, batch_size=32, workers=0, tta=False, d
     # disable=None: a bar on a terminal, none in logs and pipes.
     with tqdm(total=len(dataset), unit="img", desc=description, disable=None, leave=False) as progress:
         for images, facts, labels in batches_with_readable_errors(loader):
-            images = images.to(device, non_blocking=True)  # once, not once per view
-            views = [
-                network_outputs(model, view, device) for view in (dihedral_views(images) if tta else [images])
-            ]
-            logits = np.mean([view_logits for view_logits, _ in views], axis=0)
-            features = views[0][1]  # the first view is the image as it is
+            logits, features = batch_outputs(model, images, device, tta)
             parts["labels"].append(labels.numpy())
             parts["logits"].append(logits)
             parts["features"].append(features)
@@ -369,6 +364,15 @@ def score_dataset(model, dataset, device, batch_size=32, workers=0, tta=False, d
         np.concatenate(parts["features"]),
         parts["facts"],
     )
+
+
+def batch_outputs(model, images, device, tta=False):
+    """`network_outputs` of a batch; with `tta`, the logits are the mean over its 8 views."""
+    if not tta:
+        return network_outputs(model, images, device)
+    images = images.to(device, non_blocking=True)  # once, not once per view
+    views = [network_outputs(model, view, device) for view in dihedral_views(images)]
+    return np.mean([logits for logits, _ in views], axis=0), views[0][1]  # view 0: the image as it is
 
 
 def batches_with_readable_errors(loader):

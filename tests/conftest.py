@@ -1,14 +1,18 @@
 """Shared fixtures: real images (bundled sample and ../shared/data), tiny random checkpoints."""
 
+import contextlib
 import csv
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,6 +83,45 @@ def make_varied_checkpoint(path, photos, image_size=TINY_IMAGE_SIZE, threshold=0
     return Path(path)
 
 
+def text_page():
+    """A picture of a printed page: the plainest 'not a lesion' image."""
+    page = Image.new("RGB", (600, 450), "white")
+    draw = ImageDraw.Draw(page)
+    for line in range(20):
+        draw.text(
+            (20, 20 + 20 * line), "Lorem ipsum dolor sit amet, consectetur adipiscing " * 2, fill="black"
+        )
+    return page
+
+
+def make_trusted_checkpoint(folder, image_size=TINY_IMAGE_SIZE):
+    """A varied checkpoint whose scoring rules (calibration, out-of-distribution score, quality
+    limits) model.py fitted on a tree of bundled sample images: every other image of each class
+    in train/, the rest in val/ (11 melanomas and 20 others: enough to calibrate)."""
+    import model  # the training script: only the tests that fit rules need it
+
+    folder = Path(folder)
+    by_label = {label: [] for label in (0, 1)}
+    for image_id, label in sorted(sample_labels().items()):
+        by_label[label].append(image_id)
+    for label, image_ids in by_label.items():
+        for index, image_id in enumerate(image_ids):
+            split = folder / "prepared" / ("train" if index % 2 == 0 else "val")
+            split.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(
+                SAMPLE / "images" / f"{image_id}.jpg", split / common.prepared_filename(label, image_id)
+            )
+    train_photos = [path for path, _ in common.list_prepared_images(folder / "prepared" / "train")]
+    checkpoint = make_varied_checkpoint(folder / "best_model.pth", train_photos, image_size=image_size)
+    settings = SimpleNamespace(
+        data=folder / "prepared", batch_size=16, workers=0, threshold="auto", target_sensitivity=0.9,
+        ood_flag_rate=0.05,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.fit_scoring_rules(checkpoint, settings, torch.device("cpu"))
+    return checkpoint
+
+
 def run_script(script, *args, cwd=ROOT, timeout=600):
     """Run one of the stage scripts as a user would; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -104,6 +147,12 @@ def assert_one_line_error(result):
 def random_checkpoint(tmp_path_factory):
     """A random-weight checkpoint at 64 pixels, shared by the tests that only read it."""
     return make_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "best_model.pth")
+
+
+@pytest.fixture(scope="session")
+def trusted_checkpoint(tmp_path_factory):
+    """A checkpoint with fitted scoring rules, shared by the tests that only read it."""
+    return make_trusted_checkpoint(tmp_path_factory.mktemp("trusted"))
 
 
 @pytest.fixture

@@ -289,7 +289,7 @@ def test_tta_average_does_not_depend_on_orientation(varied_checkpoint, prepared_
     cpu = torch.device("cpu")
 
     def probabilities(batch, tta):
-        return analysis.batch_probabilities(model, batch, cpu, None, tta)  # fp32: exact comparisons
+        return common.melanoma_probability(common.batch_outputs(model, batch, cpu, tta)[0])
 
     averaged = probabilities(images, tta=True)
     views = [images.flip(-1), images.flip(-2), images.transpose(-2, -1), torch.rot90(images, 1, (-2, -1))]

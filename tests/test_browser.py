@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, text_page
 from playwright.sync_api import expect, sync_playwright
 
 from bench import bench_app
@@ -19,8 +19,14 @@ def server(random_checkpoint):
         yield url
 
 
+@pytest.fixture(scope="module")
+def trusted_server(trusted_checkpoint):
+    with bench_app.running_server(trusted_checkpoint, "--threads", "2", "--torch-threads", "1") as (url, _):
+        yield url
+
+
 @pytest.fixture
-def page(server):
+def page():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -63,3 +69,21 @@ def test_upload_shows_label_probability_and_heatmap_then_a_readable_error(server
     expect(page.locator("#result")).to_be_hidden()
     # Chromium logs the 415 answer itself as a failed resource load; nothing else may appear.
     assert [error for error in script_errors if "status of 415" not in error] == []
+
+
+@pytest.mark.browser
+def test_a_picture_that_is_not_a_lesion_gets_no_verdict(trusted_server, page, tmp_path):
+    text_page().save(tmp_path / "document.png")
+    page.goto(trusted_server)
+    page.get_by_label("Choose a dermoscopic image").set_input_files(tmp_path / "document.png")
+    page.get_by_role("button", name="Check this image").click()
+
+    expect(page.locator("#result-label")).to_have_text("Cannot judge this image")
+    expect(page.get_by_text("This does not look like a dermoscopic image of a skin lesion")).to_be_visible()
+    expect(page.locator("#result")).to_have_attribute("data-label", "cannot-judge")
+    expect(page.locator("#probability-meaning")).to_contain_text("Calibrated")
+
+    page.get_by_label("Choose a dermoscopic image").set_input_files(SAMPLE / "images" / "ISIC_0024306.jpg")
+    page.get_by_role("button", name="Check this image").click()
+    expect(page.locator("#result-label")).to_have_text(re.compile(r"^(Melanoma|Non-Melanoma)$"))
+    expect(page.locator("#cannot-judge")).to_be_hidden()

@@ -1,0 +1,137 @@
+"""The trust layer: calibration, the 'cannot judge this image' flag, quality warnings, and
+checkpoints that have none of them."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAM_SAMPLE, SAMPLE, make_random_checkpoint, text_page
+from PIL import Image, ImageFilter
+
+import common
+import model
+
+HELD_OUT_LESIONS = sorted(
+    path for path in (HAM_SAMPLE / "images").glob("*.jpg") if not (SAMPLE / "images" / path.name).exists()
+)[:40]
+
+
+def foreign_images():
+    """Pictures that are not dermoscopic images of a lesion: a flat colour, a text page, a gradient.
+
+    Random weights make poor features: they cannot tell white paper or noise from skin, so these
+    tests use pictures whose statistics are far from any photo's. How well a trained network's
+    score separates real foreign pictures is measured by bench/bench_trust.py."""
+    gradient = np.linspace(0, 255, 600, dtype=np.uint8)[None, :, None].repeat(450, 0).repeat(3, 2)
+    return {
+        "blue": Image.new("RGB", (600, 450), (30, 60, 200)),
+        "text page": text_page(),
+        "gradient": Image.fromarray(gradient),
+    }
+
+
+def answers_for(checkpoint, images):
+    """What common.ScoringRules answers for PIL images, scored as the app scores an upload."""
+    network, meta = common.load_scoring_model(checkpoint)
+    transform = common.checkpoint_transform(meta)
+    batch = torch.stack([transform(image) for image in images])
+    logits, features = common.network_outputs(network, batch, torch.device("cpu"))
+    facts = [common.image_facts(image, meta["image_size"]) for image in images]
+    return common.ScoringRules(meta).answers(logits, features, facts)
+
+
+def test_foreign_images_are_flagged_and_real_lesions_mostly_not(trusted_checkpoint):
+    foreign = foreign_images()
+    for name, answer in zip(foreign, answers_for(trusted_checkpoint, list(foreign.values())), strict=True):
+        assert answer["reliable"] is False, name
+        assert answer["reasons"] == [common.NOT_A_LESION]
+        assert answer["ood_score"] > answer["ood_threshold"]
+    lesions = [common.load_image(path) for path in HELD_OUT_LESIONS]
+    flagged = [not answer["reliable"] for answer in answers_for(trusted_checkpoint, lesions)]
+    # The threshold flags 5% of validation images; held-out lesions of the same kind may be
+    # flagged somewhat more often by a random network, never many of them.
+    assert np.mean(flagged) <= 0.15
+    training = [
+        common.load_image(path)
+        for path in sorted((trusted_checkpoint.parent / "prepared" / "train").iterdir())
+    ]
+    assert not any(answer["reliable"] is False for answer in answers_for(trusted_checkpoint, training))
+
+
+def test_calibration_keeps_the_ranking_and_every_decision(trusted_checkpoint):
+    meta = torch.load(trusted_checkpoint, weights_only=True)
+    calibration = meta["calibration"]
+    assert calibration["method"] == "platt" and calibration["slope"] > 0
+    network, _ = common.load_scoring_model(trusted_checkpoint)
+    scored = common.score_dataset(
+        network,
+        common.ScoringDataset(trusted_checkpoint.parent / "prepared" / "val", meta),
+        torch.device("cpu"),
+    )
+    raw = common.melanoma_probability(scored.logits)
+    shown = common.ScoringRules(meta).probabilities(scored.logits)
+    assert not np.allclose(raw, shown), "a calibration that changes nothing tests nothing"
+    np.testing.assert_array_equal(np.argsort(raw, kind="stable"), np.argsort(shown, kind="stable"))
+    np.testing.assert_array_equal(raw >= meta["threshold_uncalibrated"], shown >= meta["threshold"])
+    assert (
+        calibration["val_expected_calibration_error_after"]
+        <= calibration["val_expected_calibration_error_before"]
+    )
+
+
+def test_the_shown_probability_is_made_in_one_place():
+    logits = np.array([[0.3, -1.2], [2.0, 2.5], [-4.0, 3.0]])
+    calibration = {"slope": 0.7, "intercept": -1.5}
+    expected = 1 / (1 + np.exp(-(0.7 * (logits[:, 1] - logits[:, 0]) - 1.5)))
+    np.testing.assert_allclose(common.melanoma_probability(logits, calibration), expected, rtol=1e-12)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(common.melanoma_probability(logits), softmax[:, 1], rtol=1e-12)
+    rules = common.ScoringRules({"image_size": 64, "threshold": 0.5, "calibration": calibration})
+    np.testing.assert_array_equal(
+        rules.probabilities(logits), common.melanoma_probability(logits, calibration)
+    )
+
+
+def test_the_rules_survive_a_weights_only_round_trip(trusted_checkpoint, tmp_path):
+    saved = torch.load(trusted_checkpoint, weights_only=True)
+    assert {"calibration", "ood", "quality", "threshold_uncalibrated"} <= set(saved)
+    network, meta = common.load_checkpoint(trusted_checkpoint)
+    common.save_checkpoint(tmp_path / "copy.pth", network, meta)
+    foreign = list(foreign_images().values())
+    assert answers_for(tmp_path / "copy.pth", foreign) == answers_for(trusted_checkpoint, foreign)
+
+
+def test_quality_warnings_catch_blur_and_darkness_but_not_the_lesion_as_it_is(trusted_checkpoint):
+    lesion = common.load_image(HELD_OUT_LESIONS[0])
+    blurred = lesion.filter(ImageFilter.GaussianBlur(12))
+    dark = Image.fromarray((np.asarray(lesion) * 0.15).astype(np.uint8))
+    sharp, soft, night = answers_for(trusted_checkpoint, [lesion, blurred, dark])
+    assert not any("blurred" in warning or "dark" in warning for warning in sharp["warnings"])
+    assert any("blurred" in warning for warning in soft["warnings"])
+    assert any("very dark" in warning for warning in night["warnings"])
+
+
+def test_a_checkpoint_without_rules_answers_and_says_flagging_is_not_available(tmp_path):
+    checkpoint = make_random_checkpoint(tmp_path / "old.pth")
+    (answer,) = answers_for(checkpoint, [common.load_image(HELD_OUT_LESIONS[0])])
+    assert answer["reliable"] is None and answer["ood_score"] is None
+    assert "flagging is not available" in answer["reasons"][0]
+    assert answer["calibrated"] is False
+    assert 0 <= answer["probability"] <= 1
+
+
+def test_too_few_validation_images_leave_the_probability_uncalibrated():
+    calibration, why_not = model.fit_calibration(np.array([1, 0, 0, 1, 0]), np.array([1.0, -1, -2, 0.5, 0]))
+    assert calibration is None and "needs 10 of each" in why_not
+
+
+@pytest.mark.parametrize("flag_rate", [0.05, 0.2])
+def test_the_ood_threshold_flags_the_chosen_share_of_validation(flag_rate):
+    rng = np.random.default_rng(0)
+    train = common.ScoredImages(
+        labels=np.repeat([0, 1], 100), logits=None, features=rng.normal(size=(200, 8)), facts=None
+    )
+    val_features = rng.normal(size=(400, 8))
+    ood = model.fit_ood(train, val_features, flag_rate)
+    rules = {"class_means": ood["class_means"].numpy(), "precision": ood["precision"].numpy()}
+    flagged = common.mahalanobis_scores(val_features, rules) > ood["threshold"]
+    assert abs(flagged.mean() - flag_rate) <= 0.01
