@@ -11,7 +11,7 @@ CHROMIUM := /usr/bin/chromium
 DEMO_IMAGE_SIZE ?= 128
 DEMO_EPOCHS ?= 3
 
-.PHONY: demo test lint browser clean bench-quality bench-tuning
+.PHONY: demo test lint browser clean bench-quality bench-tuning bench-trust
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench-quality: $(INSTALLED)
 # How bench-quality's recipe was chosen, on validation only (about 12 minutes per candidate).
 bench-tuning: $(INSTALLED)
 	$(PY) bench/bench_tuning.py
+
+# Does the out-of-distribution flag catch images that are not skin lesions, and what does
+# calibration change on the test split? For the checkpoint in bench_runs/trust/ and its
+# prepared_dataset/test (web-page screenshots need `make browser`; without it they are skipped).
+bench-trust: $(INSTALLED)
+	$(PY) bench/bench_trust.py
 
 test: $(INSTALLED) browser
 	$(PY) -m pytest
