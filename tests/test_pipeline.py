@@ -41,6 +41,11 @@ def test_four_stages_end_to_end(tmp_path):
     assert checkpoint["image_size"] == TINY_IMAGE_SIZE
     assert checkpoint["weights"] == "none"
     assert 0.0 <= checkpoint["threshold"] <= 1.0
+    # What scoring needs beyond the weights, fitted on the best checkpoint. The sample's val/ is
+    # too small to calibrate on, and the checkpoint says so.
+    assert checkpoint["ood"]["flag_rate"] == 0.05 and checkpoint["quality"]["limits"]
+    assert checkpoint["calibration"] is None and "calibration needs" in checkpoint["not_calibrated"]
+    assert "Flagged as not judgeable (out of distribution):" in train.stdout
 
     analysis = run_script(
         "analysis.py",
@@ -53,6 +58,7 @@ def test_four_stages_end_to_end(tmp_path):
     metrics = json.loads((results / "metrics.json").read_text())
     test_files = [row for row in manifest if row["split"] == "test"]
     assert metrics["n_images"] == len(test_files)
+    assert metrics["flagging"]["available"] is True
     for plot in ("confusion_matrix.png", "roc_curve.png", "learning_curves.png"):
         assert Image.open(results / plot).size[0] > 100
 
@@ -65,4 +71,5 @@ def test_four_stages_end_to_end(tmp_path):
     assert response.status_code == 200, response.get_json()
     answer = response.get_json()
     assert answer["label"] in ("Melanoma", "Non-Melanoma")
+    assert answer["reliable"] in (True, False) and answer["calibrated"] is False
     assert answer["threshold"] == pytest.approx(checkpoint["threshold"])
