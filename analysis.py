@@ -26,7 +26,6 @@ from sklearn import metrics as skmetrics
 import common
 import metrics
 
-SPLITS = ("train", "val", "test")
 GALLERY_COLUMNS = 4
 THUMBNAIL_SIZE = 224
 DPI = 110
@@ -131,11 +130,14 @@ def class_distribution(data_folder):
     train/val/test folders, or of the scored folder alone when it is not part of such a tree.
     """
     data_folder = Path(data_folder)
-    manifest = data_folder.parent / "manifest.csv"
+    manifest = data_folder.parent / common.MANIFEST_FILE
     if manifest.is_file():
-        return distribution_table(manifest_rows(manifest)), str(manifest)
-    if data_folder.name in SPLITS:
-        folders = [data_folder.parent / split for split in SPLITS if (data_folder.parent / split).is_dir()]
+        rows = [(row.split, row.label, row.augmented) for row in common.read_manifest(manifest)]
+        return distribution_table(rows), str(manifest)
+    if data_folder.name in common.SPLITS:
+        folders = [
+            data_folder.parent / split for split in common.SPLITS if (data_folder.parent / split).is_dir()
+        ]
     else:
         folders = [data_folder]
     rows = [
@@ -146,29 +148,10 @@ def class_distribution(data_folder):
     return distribution_table(rows), "file names in " + ", ".join(str(folder) for folder in folders)
 
 
-def manifest_rows(manifest):
-    """(split, label, augmented) for each row of a prepared tree's manifest.csv."""
-    try:
-        with open(manifest, newline="", encoding="utf-8") as file:
-            return [manifest_row(row) for row in csv.DictReader(file)]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise common.UserError(f"{manifest}: not a readable manifest ({error})") from None
-    except (KeyError, ValueError) as error:
-        raise common.UserError(
-            f"{manifest}: expected columns split,label (1/0),augmented (yes/no) ({error})"
-        ) from None
-
-
-def manifest_row(row):
-    augmented = {"yes": True, "no": False}[row["augmented"]]
-    label = {"1": common.MELANOMA, "0": common.NON_MELANOMA}[row["label"]]
-    return row["split"], label, augmented
-
-
 def distribution_table(rows):
     counts = Counter(rows)
-    order = {split: index for index, split in enumerate(SPLITS)}  # train, val, test, then others
-    splits = sorted({split for split, _, _ in rows}, key=lambda split: (order.get(split, len(SPLITS)), split))
+    order = {split: index for index, split in enumerate(common.SPLITS)}  # train, val, test, then others
+    splits = sorted({split for split, _, _ in rows}, key=lambda split: (order.get(split, len(order)), split))
     return {
         split: {
             common.CLASS_NAMES[label]: {

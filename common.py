@@ -5,6 +5,7 @@ decision threshold from the checkpoint (see docs/design.md), through the helpers
 """
 
 import argparse
+import csv
 import datetime
 import functools
 import itertools
@@ -14,6 +15,7 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.special
@@ -73,6 +75,63 @@ def prepared_filename(label, image_id, augmented_index=None, suffix=".jpg"):
 
 def is_augmented_filename(name):
     return os.path.basename(name).startswith(tuple(f"{p}aug_" for p in FILE_PREFIX.values()))
+
+
+# --- the prepared tree's manifest.csv (written by prepdata.py, read by analysis.py) ---------
+
+SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.csv"
+
+
+class ManifestRow(NamedTuple):
+    """One written image: where it is, its label, the image it came from, and that image's lesion."""
+
+    split: str
+    file: str
+    label: int
+    source_image: str
+    lesion_id: str | None
+    augmented: bool
+
+
+MANIFEST_COLUMNS = ManifestRow._fields
+
+
+def write_manifest(path, rows):
+    """manifest.csv: the rows in split order (train, val, test), by file name within a split;
+    labels as 1/0, an unknown lesion as an empty field, augmented as yes/no."""
+    order = {split: index for index, split in enumerate(SPLITS)}
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in sorted(rows, key=lambda row: (order[row.split], row.file)):
+            augmented = "yes" if row.augmented else "no"
+            writer.writerow(row._replace(lesion_id=row.lesion_id or "", augmented=augmented))
+
+
+def read_manifest(path):
+    """The ManifestRows of a manifest.csv (an unknown lesion comes back as '')."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            return [parsed_manifest_row(row) for row in csv.DictReader(file)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path}: not a readable manifest ({error})") from None
+    except (KeyError, ValueError) as error:
+        raise UserError(
+            f"{path}: expected columns {','.join(MANIFEST_COLUMNS)} with label 1/0 and augmented "
+            f"yes/no ({error})"
+        ) from None
+
+
+def parsed_manifest_row(row):
+    return ManifestRow(
+        split=row["split"],
+        file=row["file"],
+        label={"1": MELANOMA, "0": NON_MELANOMA}[row["label"]],
+        source_image=row["source_image"],
+        lesion_id=row["lesion_id"],
+        augmented={"yes": True, "no": False}[row["augmented"]],
+    )
 
 
 # --- images ----------------------------------------------------------------------------------

@@ -31,8 +31,6 @@ from tqdm import tqdm
 
 import common
 
-SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("split", "file", "label", "source_image", "lesion_id", "augmented")
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
 # 4:3 dermoscopy images stored at 512x384 keep a 384-pixel short side: training at 384 pixels
 # never upsamples, while every epoch decodes 27% fewer pixels than at 600x450 (and camera-sized
@@ -169,13 +167,13 @@ def prepare(args):
         splits = split_records(records, args.split, args.seed)
         manifest = place_originals(splits, temporary)
         manifest += write_augmented_copies(splits["train"], temporary / "train", args)
-        write_manifest(manifest, temporary / "manifest.csv")
+        common.write_manifest(temporary / common.MANIFEST_FILE, manifest)
         move_into_place(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     print_summary(manifest, lesions_known)
-    print(f"Wrote {len(manifest)} images and manifest.csv to {args.out}")
+    print(f"Wrote {len(manifest)} images and {common.MANIFEST_FILE} to {args.out}")
 
 
 # --- checking the command line -----------------------------------------------------------------
@@ -432,7 +430,7 @@ def split_records(records, fractions, seed):
     for record in records:
         key = ("lesion", record.lesion_id) if record.lesion_id else ("image", record.image_id)
         groups[key].append(record)
-    splits = {name: [] for name in SPLITS}
+    splits = {name: [] for name in common.SPLITS}
     for label in (common.MELANOMA, common.NON_MELANOMA):
         keys = [key for key, members in groups.items() if group_label(members) == label]
         keys.sort(key=lambda key: stable_hash(seed, *key))
@@ -454,10 +452,10 @@ def split_at(position, fractions):
     """The split whose share of [0, 1) holds `position`; float rounding at the very end falls
     into the last split that has a share."""
     upper_bounds = np.cumsum(fractions) / sum(fractions)
-    for name, upper in zip(SPLITS, upper_bounds, strict=True):
+    for name, upper in zip(common.SPLITS, upper_bounds, strict=True):
         if position < upper:
             return name
-    return [name for name, fraction in zip(SPLITS, fractions, strict=True) if fraction > 0][-1]
+    return [name for name, fraction in zip(common.SPLITS, fractions, strict=True) if fraction > 0][-1]
 
 
 def stable_hash(*parts):
@@ -483,14 +481,7 @@ def place_originals(splits, tree):
 
 
 def manifest_row(split, file, record, augmented):
-    return {
-        "split": split,
-        "file": file,
-        "label": record.label,
-        "source_image": record.image_id,
-        "lesion_id": record.lesion_id or "",
-        "augmented": "yes" if augmented else "no",
-    }
+    return common.ManifestRow(split, file, record.label, record.image_id, record.lesion_id, augmented)
 
 
 def write_augmented_copies(train, folder, args):
@@ -573,14 +564,6 @@ def augmentation(square):
     )
 
 
-def write_manifest(rows, path):
-    order = {name: index for index, name in enumerate(SPLITS)}
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda row: (order[row["split"]], row["file"])))
-
-
 def move_into_place(temporary, out):
     """Swap the finished tree in with renames: `out` is either the old tree or the whole new one."""
     if out.exists():
@@ -636,13 +619,11 @@ def print_summary(manifest, lesions_known):
     print(
         f"\n{'split':<6} {'images':>7} {'lesions':>8} {'melanoma':>9} {'non-melanoma':>13} {'augmented':>10}"
     )
-    for name in SPLITS:
-        rows = [row for row in manifest if row["split"] == name]
-        originals = [row for row in rows if row["augmented"] == "no"]
-        lesions = (
-            len({row["lesion_id"] or row["source_image"] for row in originals}) if lesions_known else "-"
-        )
-        melanoma = sum(row["label"] == common.MELANOMA for row in rows)
+    for name in common.SPLITS:
+        rows = [row for row in manifest if row.split == name]
+        originals = [row for row in rows if not row.augmented]
+        lesions = len({row.lesion_id or row.source_image for row in originals}) if lesions_known else "-"
+        melanoma = sum(row.label == common.MELANOMA for row in rows)
         augmented = len(rows) - len(originals)
         print(
             f"{name:<6} {len(rows):>7} {lesions:>8} {melanoma:>9} {len(rows) - melanoma:>13} {augmented:>10}"

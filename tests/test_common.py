@@ -33,6 +33,30 @@ def test_file_name_convention_round_trips():
     assert common.label_from_filename("mel_ISIC_1.csv") is None
 
 
+def test_manifest_is_written_in_split_order_and_reads_back(tmp_path):
+    rows = [
+        common.ManifestRow("test", "nomel_ISIC_3.jpg", 0, "ISIC_3", None, False),
+        common.ManifestRow("train", "mel_aug_ISIC_1_0.jpg", 1, "ISIC_1", "HAM_1", True),
+        common.ManifestRow("train", "mel_ISIC_1.jpg", 1, "ISIC_1", "HAM_1", False),
+    ]
+    path = tmp_path / common.MANIFEST_FILE
+    common.write_manifest(path, rows)
+    assert path.read_text(encoding="utf-8") == (
+        "split,file,label,source_image,lesion_id,augmented\n"
+        "train,mel_ISIC_1.jpg,1,ISIC_1,HAM_1,no\n"
+        "train,mel_aug_ISIC_1_0.jpg,1,ISIC_1,HAM_1,yes\n"
+        "test,nomel_ISIC_3.jpg,0,ISIC_3,,no\n"
+    )
+    assert common.read_manifest(path) == [rows[2], rows[1], rows[0]._replace(lesion_id="")]
+
+
+def test_a_malformed_manifest_is_a_user_error(tmp_path):
+    path = tmp_path / common.MANIFEST_FILE
+    path.write_text("split,file,label,source_image,lesion_id,augmented\ntrain,a.jpg,1,a,,maybe\n")
+    with pytest.raises(common.UserError, match="augmented yes/no"):
+        common.read_manifest(path)
+
+
 def test_load_image_applies_exif_orientation():
     upright = Image.open(SAMPLE_IMAGE)
     exif = Image.Exif()
