@@ -54,37 +54,36 @@ def get_args_parser():
         description="Score a folder of mel_*/nomel_* images with a checkpoint; write plots, "
         "summary_report.txt and metrics.json."
     )
-    parser.add_argument("--model", default="best_model.pth", help="checkpoint written by model.py")
-    parser.add_argument(
-        "--data", default="prepared_dataset/test", help="folder of mel_*/nomel_* images to score"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--model", default="best_model.pth", help="checkpoint written by model.py")
+    add("--data", default="prepared_dataset/test", help="folder of mel_*/nomel_* images to score")
+    add(
         "--history",
         default="training_history.json",
         help="training history written by model.py (learning_curves.png is skipped when missing)",
     )
-    parser.add_argument("--out", default="results", help="folder for the plots and reports")
-    parser.add_argument("--batch-size", type=common.positive_int, default=32, help="images per batch")
-    parser.add_argument(
+    add("--out", default="results", help="folder for the plots and reports")
+    add("--batch-size", type=common.positive_int, default=32, help="images per batch")
+    add(
         "--workers",
         type=common.non_negative_int,
-        default=min(4, os.cpu_count() or 1),
+        default=min(4, common.available_cores()),
         help="image-decoding worker processes (0 decodes in the main process)",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument(
+    add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add(
         "--tta",
         action="store_true",
         help="test-time augmentation: average the 8 flips/rotations of each image (8x slower)",
     )
-    parser.add_argument(
+    add(
         "--bootstrap",
         type=common.positive_int,
         default=1000,
         help="bootstrap resamples for the 95%% confidence intervals",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    parser.add_argument(
+    add("--seed", type=common.non_negative_int, default=0, help="seed of the bootstrap resampling")
+    add(
         "--gallery",
         type=common.positive_int,
         default=8,

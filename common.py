@@ -750,14 +750,16 @@ def original_state_dict_to_ours(state):
 # --- command lines ---------------------------------------------------------------------------
 
 
-def bounded_int(text, minimum):
-    """An argparse value: an integer of at least `minimum`, or a one-line error."""
+def bounded_int(text, minimum, maximum=None):
+    """An argparse value: an integer from `minimum` to `maximum` (if any), or a one-line error."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}: {value}")
     return value
 
 
@@ -767,6 +769,37 @@ def positive_int(text):
 
 def non_negative_int(text):
     return bounded_int(text, 0)
+
+
+def port_number(text):
+    """A TCP port; 0 lets the system pick a free one. (waitress would quietly serve 70000 on 4464.)"""
+    return bounded_int(text, 0, 65535)
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def available_cores():
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ArgumentParser(argparse.ArgumentParser):

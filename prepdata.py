@@ -8,6 +8,7 @@ seeded, stratified by label and grouped by lesion; only the training split is ba
 is built in a hidden folder beside `--out` and renamed into place at the very end.
 """
 
+import argparse
 import csv
 import hashlib
 import multiprocessing
@@ -53,11 +54,22 @@ class Record:
     source: Path | None = None
 
 
+class SplitFractions(argparse.Action):
+    """--split TRAIN VAL TEST: three fractions, none negative, that sum to 1."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any(value < 0 for value in values) or abs(sum(values) - 1) > 1e-6:
+            shown = " ".join(map(str, values))
+            raise argparse.ArgumentError(self, f"need three fractions >= 0 summing to 1, not {shown}")
+        setattr(namespace, self.dest, values)
+
+
 def get_args_parser():
     parser = common.ArgumentParser(
         description="Prepare a split, balanced mel_/nomel_ image tree from a label CSV and an image folder.",
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--csv",
         metavar="PATH",
         type=Path,
@@ -65,7 +77,7 @@ def get_args_parser():
         help="labels: one-hot ground truth with a MEL column (ISIC 2018/2019, Kaggle HAM10000) "
         "or HAM10000 metadata with image_id and dx columns (default: GroundTruth.csv)",
     )
-    parser.add_argument(
+    add(
         "--images",
         metavar="FOLDER",
         type=Path,
@@ -73,7 +85,7 @@ def get_args_parser():
         help="folder holding <image id>.jpg (or .png, ...) for each CSV row; never modified "
         "(default: images)",
     )
-    parser.add_argument(
+    add(
         "--metadata",
         metavar="PATH",
         type=Path,
@@ -81,29 +93,28 @@ def get_args_parser():
         help="HAM10000-style metadata CSV with lesion_id and image_id, so that no lesion lands in "
         "two splits (default: HAM10000_metadata.csv or metadata.csv beside --csv, when present)",
     )
-    parser.add_argument(
+    add(
         "--out",
         metavar="FOLDER",
         type=Path,
         default=Path("prepared_dataset"),
         help="output folder (default: prepared_dataset)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
-    )
-    parser.add_argument(
+    add("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    add(
         "--split",
         type=float,
         nargs=3,
+        action=SplitFractions,
         default=(0.7, 0.2, 0.1),
         metavar=("TRAIN", "VAL", "TEST"),
         help="fractions of the images for train, val and test, summing to 1; zeros are allowed, "
         "e.g. 0 0 1 to score a new data set (default: 0.7 0.2 0.1)",
     )
-    parser.add_argument(
+    add(
         "--seed",
         metavar="N",
-        type=int,
+        type=common.non_negative_int,
         default=42,
         help="seed of the split and of the augmentation (default: 42)",
     )
@@ -111,40 +122,35 @@ def get_args_parser():
     balance.add_argument(
         "--balance-ratio",
         metavar="RATIO",
-        type=float,
+        type=common.positive_float,
         default=1.0,
         help="augment training melanomas until melanoma = RATIO x non-melanoma (default: 1.0)",
     )
     balance.add_argument(
         "--no-balance", action="store_true", help="write no augmented copies (train keeps its imbalance)"
     )
-    parser.add_argument(
+    add(
         "--max-side",
         metavar="N",
-        type=int,
+        type=common.non_negative_int,
         default=DEFAULT_MAX_SIDE,
         help="shrink images whose longer side exceeds N pixels; 0 keeps every image at full size "
         f"(default: {DEFAULT_MAX_SIDE}, which keeps a 384-pixel short side on 4:3 images)",
     )
-    parser.add_argument(
+    add(
         "--workers",
         metavar="N",
-        type=int,
-        default=available_cores(),
+        type=common.positive_int,
+        default=common.available_cores(),
         help="processes that decode, augment and write images; 1 runs in this process "
         "(default: all cores, here %(default)s)",
     )
     return parser
 
 
-def available_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @common.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    check_numbers(args)
     check_paths(args)
     try:
         prepare(args)
@@ -177,21 +183,6 @@ def prepare(args):
 
 
 # --- checking the command line -----------------------------------------------------------------
-
-
-def check_numbers(args):
-    if any(fraction < 0 for fraction in args.split) or abs(sum(args.split) - 1) > 1e-6:
-        raise common.UserError(
-            f"--split {' '.join(map(str, args.split))}: need three fractions >= 0 summing to 1"
-        )
-    if args.balance_ratio <= 0:
-        raise common.UserError(f"--balance-ratio {args.balance_ratio}: must be above 0 (or use --no-balance)")
-    if args.max_side < 0:
-        raise common.UserError(
-            f"--max-side {args.max_side}: must be 0 (full size) or a positive number of pixels"
-        )
-    if args.workers < 1:
-        raise common.UserError(f"--workers {args.workers}: need at least 1")
 
 
 def check_paths(args):

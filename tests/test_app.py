@@ -363,9 +363,14 @@ def test_a_busy_port_is_one_line(random_checkpoint, capsys):
     assert "--port" in result.stderr
 
 
-@pytest.mark.parametrize("flag", ["--threads", "--torch-threads", "--max-upload-mb"])
-def test_a_non_positive_number_is_one_line(random_checkpoint, capsys, flag):
-    assert_one_line_error(run_main(capsys, "--model", random_checkpoint, flag, "0"))
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--threads", "0"), ("--torch-threads", "0"), ("--max-upload-mb", "0"), ("--port", "70000")],
+)
+def test_a_number_out_of_range_is_one_line(random_checkpoint, capsys, flag, value):
+    result = run_main(capsys, "--model", random_checkpoint, flag, value)
+    assert_one_line_error(result)
+    assert flag in result.stderr
 
 
 def test_help_lists_every_flag(capsys):

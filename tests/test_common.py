@@ -1,5 +1,6 @@
 """common.py: labels, safe image loading, the model, checkpoints, devices."""
 
+import argparse
 import io
 
 import numpy as np
@@ -209,6 +210,22 @@ def test_device_and_precision_choice():
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match="no CUDA"):
             common.choose_device("cuda")
+
+
+def test_numeric_flag_types_keep_values_in_range():
+    assert (common.port_number("0"), common.port_number("65535")) == (0, 65535)
+    assert common.non_negative_float("0") == 0 and common.positive_float("1e-4") == 1e-4
+    assert common.fraction("1") == 1
+    for parse, text in [
+        (common.positive_int, "0"),
+        (common.port_number, "65536"),
+        (common.positive_float, "0"),
+        (common.non_negative_float, "-0.5"),
+        (common.fraction, "0"),
+        (common.fraction, "1.5"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(text)
 
 
 def test_real_sample_images_decode():

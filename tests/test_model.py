@@ -276,6 +276,7 @@ def test_a_bad_flag_is_one_line_on_the_command_line(prepared, tmp_path):
     [
         (["--threshold", "high"], "--threshold"),
         (["--target-sensitivity", "0"], "--target-sensitivity"),
+        (["--weight-decay", "-0.1"], "--weight-decay"),
         (["--amp", "fp16", "--device", "cpu"], "fp16"),
         (["--device", "cuda"], "CUDA"),
         (["--weights", "missing.pth"], "missing.pth"),

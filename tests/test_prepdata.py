@@ -384,6 +384,7 @@ def test_malformed_csv_is_one_line_and_exit_2(tmp_path, capsys, content):
         (["--split", "-0.1", "0.6", "0.5"], "summing to 1"),
         (["--balance-ratio", "0"], "--balance-ratio"),
         (["--max-side", "-1"], "--max-side"),
+        (["--seed", "-1"], "--seed"),
         (["--workers", "0"], "--workers"),
         (["--no-balance", "--balance-ratio", "2"], "not allowed with"),
     ],
