@@ -408,8 +408,9 @@ def score_dataset(model, dataset, device, batch_size=32, workers=0, tta=False, d
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
     )
     parts = {"labels": [], "logits": [], "features": [], "facts": []}
-    # disable=None: a bar on a terminal, none in logs and pipes.
-    with tqdm(total=len(dataset), unit="img", desc=description, disable=None, leave=False) as progress:
+    with tqdm(
+        total=len(dataset), unit="img", desc=description, disable=not show_progress(), leave=False
+    ) as progress:
         for images, facts, labels in batches_with_readable_errors(loader):
             logits, features = batch_outputs(model, images, device, tta)
             parts["labels"].append(labels.numpy())
@@ -821,3 +822,9 @@ def exits_on_user_error(main_function):
             sys.exit(2)
 
     return main
+
+
+def show_progress(wanted=True):
+    """Whether to draw a tqdm bar: only on a terminal (tqdm's `disable=None` rule), since a log file
+    or a pipe would keep every redraw; `wanted=False` hides it anyway."""
+    return wanted and sys.stderr is not None and sys.stderr.isatty()

@@ -853,8 +853,9 @@ def run_epoch(args, runtime, trainer, loaders, epoch):
     # Dropout's stream, re-derived each epoch so that a resumed run draws the same numbers.
     torch.manual_seed(derived_seed(args.seed, TRAINING_STREAM, epoch, runtime.rank))
     description = f"Epoch {epoch + 1}/{args.epochs}"
-    train = trainer.train_one_epoch(loaders["train"], description, show_progress=runtime.is_main)
-    val = score_split(trainer.model, loaders["val"], runtime.device, "Validating", runtime.is_main)
+    show_progress = common.show_progress(runtime.is_main)  # without bars, summary_line still logs each epoch
+    train = trainer.train_one_epoch(loaders["train"], description, show_progress)
+    val = score_split(trainer.model, loaders["val"], runtime.device, "Validating", show_progress)
     return gather_scores(train, runtime), gather_scores(val, runtime)
 
 

@@ -584,7 +584,10 @@ def run_in_parallel(function, tasks, workers, description):
     # pytest's) can copy a held lock into the child and hang it.
     spawn = multiprocessing.get_context("spawn")
     pool = spawn.Pool(workers, initializer=start_worker) if workers > 1 else nullcontext()
-    with pool, tqdm(total=len(tasks), desc=description, unit="img", disable=None) as bar:
+    with (
+        pool,
+        tqdm(total=len(tasks), desc=description, unit="img", disable=not common.show_progress()) as bar,
+    ):
         # Small chunks keep the bar moving and the cores evenly loaded.
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
         results = (

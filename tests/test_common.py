@@ -2,6 +2,7 @@
 
 import argparse
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -226,6 +227,18 @@ def test_numeric_flag_types_keep_values_in_range():
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match="must be"):
             parse(text)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_are_shown_on_a_terminal_only(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file or a pipe
+    assert not common.show_progress()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert common.show_progress() and not common.show_progress(wanted=False)
 
 
 def test_real_sample_images_decode():
