@@ -16,7 +16,6 @@ model.py; test images are only scored.
 import argparse
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import app_harness  # noqa: E402
+import common  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ham10000_300"
 
@@ -186,7 +186,8 @@ def start_run(args):
 
 def finish_report(lines, start, path):
     """Add the total wall time, print the report and write it to `path`."""
-    lines.append(f"total wall time: {(time.perf_counter() - start) / 60:.1f} min on {os.cpu_count()} cores")
+    minutes = (time.perf_counter() - start) / 60
+    lines.append(f"total wall time: {minutes:.1f} min on {common.available_cores()} cores")
     print("\n" + "\n".join(lines))
     path.write_text("\n".join(lines) + "\n")
 
