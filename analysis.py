@@ -26,7 +26,6 @@ from sklearn import metrics as skmetrics
 import common
 import metrics
 
-SPLITS = ("train", "val", "test")
 GALLERY_COLUMNS = 4
 THUMBNAIL_SIZE = 224
 DPI = 110
@@ -55,37 +54,36 @@ def get_args_parser():
         description="Score a folder of mel_*/nomel_* images with a checkpoint; write plots, "
         "summary_report.txt and metrics.json."
     )
-    parser.add_argument("--model", default="best_model.pth", help="checkpoint written by model.py")
-    parser.add_argument(
-        "--data", default="prepared_dataset/test", help="folder of mel_*/nomel_* images to score"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--model", default="best_model.pth", help="checkpoint written by model.py")
+    add("--data", default="prepared_dataset/test", help="folder of mel_*/nomel_* images to score")
+    add(
         "--history",
         default="training_history.json",
         help="training history written by model.py (learning_curves.png is skipped when missing)",
     )
-    parser.add_argument("--out", default="results", help="folder for the plots and reports")
-    parser.add_argument("--batch-size", type=common.positive_int, default=32, help="images per batch")
-    parser.add_argument(
+    add("--out", default="results", help="folder for the plots and reports")
+    add("--batch-size", type=common.positive_int, default=32, help="images per batch")
+    add(
         "--workers",
         type=common.non_negative_int,
-        default=min(4, os.cpu_count() or 1),
+        default=min(4, common.available_cores()),
         help="image-decoding worker processes (0 decodes in the main process)",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument(
+    add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add(
         "--tta",
         action="store_true",
         help="test-time augmentation: average the 8 flips/rotations of each image (8x slower)",
     )
-    parser.add_argument(
+    add(
         "--bootstrap",
         type=common.positive_int,
         default=1000,
         help="bootstrap resamples for the 95%% confidence intervals",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    parser.add_argument(
+    add("--seed", type=common.non_negative_int, default=0, help="seed of the bootstrap resampling")
+    add(
         "--gallery",
         type=common.positive_int,
         default=8,
@@ -131,11 +129,14 @@ def class_distribution(data_folder):
     train/val/test folders, or of the scored folder alone when it is not part of such a tree.
     """
     data_folder = Path(data_folder)
-    manifest = data_folder.parent / "manifest.csv"
+    manifest = data_folder.parent / common.MANIFEST_FILE
     if manifest.is_file():
-        return distribution_table(manifest_rows(manifest)), str(manifest)
-    if data_folder.name in SPLITS:
-        folders = [data_folder.parent / split for split in SPLITS if (data_folder.parent / split).is_dir()]
+        rows = [(row.split, row.label, row.augmented) for row in common.read_manifest(manifest)]
+        return distribution_table(rows), str(manifest)
+    if data_folder.name in common.SPLITS:
+        folders = [
+            data_folder.parent / split for split in common.SPLITS if (data_folder.parent / split).is_dir()
+        ]
     else:
         folders = [data_folder]
     rows = [
@@ -146,29 +147,10 @@ def class_distribution(data_folder):
     return distribution_table(rows), "file names in " + ", ".join(str(folder) for folder in folders)
 
 
-def manifest_rows(manifest):
-    """(split, label, augmented) for each row of a prepared tree's manifest.csv."""
-    try:
-        with open(manifest, newline="", encoding="utf-8") as file:
-            return [manifest_row(row) for row in csv.DictReader(file)]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise common.UserError(f"{manifest}: not a readable manifest ({error})") from None
-    except (KeyError, ValueError) as error:
-        raise common.UserError(
-            f"{manifest}: expected columns split,label (1/0),augmented (yes/no) ({error})"
-        ) from None
-
-
-def manifest_row(row):
-    augmented = {"yes": True, "no": False}[row["augmented"]]
-    label = {"1": common.MELANOMA, "0": common.NON_MELANOMA}[row["label"]]
-    return row["split"], label, augmented
-
-
 def distribution_table(rows):
     counts = Counter(rows)
-    order = {split: index for index, split in enumerate(SPLITS)}  # train, val, test, then others
-    splits = sorted({split for split, _, _ in rows}, key=lambda split: (order.get(split, len(SPLITS)), split))
+    order = {split: index for index, split in enumerate(common.SPLITS)}  # train, val, test, then others
+    splits = sorted({split for split, _, _ in rows}, key=lambda split: (order.get(split, len(order)), split))
     return {
         split: {
             common.CLASS_NAMES[label]: {

@@ -10,7 +10,6 @@ Every error is JSON `{"error": "..."}` with its HTTP status. Research tool, not 
 import base64
 import io
 import json
-import os
 import queue
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -314,10 +313,6 @@ def create_app(
     return app
 
 
-def available_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def serve(app, host, port, threads):
     """Production serving with waitress and a bounded thread pool (never Flask's dev server)."""
     # Request bodies stay in memory (never spooled to disk) up to twice the upload limit, so a
@@ -346,30 +341,35 @@ def serve(app, host, port, threads):
 
 def get_args_parser():
     parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model", default="best_model.pth", help="checkpoint to serve (default: %(default)s)"
+    add = parser.add_argument
+    add("--model", default="best_model.pth", help="checkpoint to serve (default: %(default)s)")
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add(
+        "--port",
+        type=common.port_number,
+        default=5000,
+        help="port; 0 picks a free one (default: %(default)s)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=5000, help="port; 0 picks a free one (default: %(default)s)"
+    add(
+        "--threads",
+        type=common.positive_int,
+        default=4,
+        help="waitress worker threads, i.e. requests in flight (default: 4)",
     )
-    parser.add_argument(
-        "--threads", type=int, default=4, help="waitress worker threads, i.e. requests in flight (default: 4)"
-    )
-    parser.add_argument(
+    add(
         "--torch-threads",
-        type=int,
+        type=common.positive_int,
         default=None,
         help="threads for one model call (default: the usable CPU cores; calls run one at a time)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument(
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add(
         "--max-upload-mb",
-        type=float,
+        type=common.positive_float,
         default=DEFAULT_MAX_UPLOAD_MB,
         help="largest accepted request, in MB (default: %(default)s)",
     )
-    parser.add_argument(
+    add(
         "--debug",
         action="store_true",
         help="Flask's development server in debug mode (for development only, never in production)",
@@ -380,13 +380,9 @@ def get_args_parser():
 @common.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.threads < 1 or (args.torch_threads is not None and args.torch_threads < 1):
-        raise common.UserError("--threads and --torch-threads must be at least 1")
-    if args.max_upload_mb <= 0:
-        raise common.UserError("--max-upload-mb must be positive")
     # No torch operation runs on this thread: the model thread owns them all (see Predictor).
     app = create_app(
-        args.model, args.device, int(args.max_upload_mb * MB), args.torch_threads or available_cores()
+        args.model, args.device, int(args.max_upload_mb * MB), args.torch_threads or common.available_cores()
     )
     app.extensions["predictor"].warm_up()
     if args.debug:

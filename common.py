@@ -5,6 +5,7 @@ decision threshold from the checkpoint (see docs/design.md), through the helpers
 """
 
 import argparse
+import csv
 import datetime
 import functools
 import itertools
@@ -14,6 +15,7 @@ import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.special
@@ -73,6 +75,63 @@ def prepared_filename(label, image_id, augmented_index=None, suffix=".jpg"):
 
 def is_augmented_filename(name):
     return os.path.basename(name).startswith(tuple(f"{p}aug_" for p in FILE_PREFIX.values()))
+
+
+# --- the prepared tree's manifest.csv (written by prepdata.py, read by analysis.py) ---------
+
+SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.csv"
+
+
+class ManifestRow(NamedTuple):
+    """One written image: where it is, its label, the image it came from, and that image's lesion."""
+
+    split: str
+    file: str
+    label: int
+    source_image: str
+    lesion_id: str | None
+    augmented: bool
+
+
+MANIFEST_COLUMNS = ManifestRow._fields
+
+
+def write_manifest(path, rows):
+    """manifest.csv: the rows in split order (train, val, test), by file name within a split;
+    labels as 1/0, an unknown lesion as an empty field, augmented as yes/no."""
+    order = {split: index for index, split in enumerate(SPLITS)}
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in sorted(rows, key=lambda row: (order[row.split], row.file)):
+            augmented = "yes" if row.augmented else "no"
+            writer.writerow(row._replace(lesion_id=row.lesion_id or "", augmented=augmented))
+
+
+def read_manifest(path):
+    """The ManifestRows of a manifest.csv (an unknown lesion comes back as '')."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            return [parsed_manifest_row(row) for row in csv.DictReader(file)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path}: not a readable manifest ({error})") from None
+    except (KeyError, ValueError) as error:
+        raise UserError(
+            f"{path}: expected columns {','.join(MANIFEST_COLUMNS)} with label 1/0 and augmented "
+            f"yes/no ({error})"
+        ) from None
+
+
+def parsed_manifest_row(row):
+    return ManifestRow(
+        split=row["split"],
+        file=row["file"],
+        label={"1": MELANOMA, "0": NON_MELANOMA}[row["label"]],
+        source_image=row["source_image"],
+        lesion_id=row["lesion_id"],
+        augmented={"yes": True, "no": False}[row["augmented"]],
+    )
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -349,8 +408,9 @@ def score_dataset(model, dataset, device, batch_size=32, workers=0, tta=False, d
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
     )
     parts = {"labels": [], "logits": [], "features": [], "facts": []}
-    # disable=None: a bar on a terminal, none in logs and pipes.
-    with tqdm(total=len(dataset), unit="img", desc=description, disable=None, leave=False) as progress:
+    with tqdm(
+        total=len(dataset), unit="img", desc=description, disable=not show_progress(), leave=False
+    ) as progress:
         for images, facts, labels in batches_with_readable_errors(loader):
             logits, features = batch_outputs(model, images, device, tta)
             parts["labels"].append(labels.numpy())
@@ -691,14 +751,16 @@ def original_state_dict_to_ours(state):
 # --- command lines ---------------------------------------------------------------------------
 
 
-def bounded_int(text, minimum):
-    """An argparse value: an integer of at least `minimum`, or a one-line error."""
+def bounded_int(text, minimum, maximum=None):
+    """An argparse value: an integer from `minimum` to `maximum` (if any), or a one-line error."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}: {value}")
     return value
 
 
@@ -708,6 +770,37 @@ def positive_int(text):
 
 def non_negative_int(text):
     return bounded_int(text, 0)
+
+
+def port_number(text):
+    """A TCP port; 0 lets the system pick a free one. (waitress would quietly serve 70000 on 4464.)"""
+    return bounded_int(text, 0, 65535)
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def available_cores():
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -729,3 +822,9 @@ def exits_on_user_error(main_function):
             sys.exit(2)
 
     return main
+
+
+def show_progress(wanted=True):
+    """Whether to draw a tqdm bar: only on a terminal (tqdm's `disable=None` rule), since a log file
+    or a pipe would keep every redraw; `wanted=False` hides it anyway."""
+    return wanted and sys.stderr is not None and sys.stderr.isatty()

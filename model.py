@@ -66,20 +66,6 @@ AUGMENTATION_STREAM, TRAINING_STREAM = 1, 2
 # --- command line ----------------------------------------------------------------------------
 
 
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
-
-
 def threshold_setting(text):
     """'auto' (chosen on validation) or a fixed probability in [0, 1]."""
     if text == "auto":
@@ -118,15 +104,20 @@ def get_args_parser():
         help="stop after this many epochs without improvement",
     )
     add("--image-size", type=common.positive_int, default=common.DEFAULT_IMAGE_SIZE, help="square input size")
-    add("--lr", type=positive_float, default=3e-4, help="peak AdamW learning rate")
-    add("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    add("--lr", type=common.positive_float, default=3e-4, help="peak AdamW learning rate")
+    add("--weight-decay", type=common.non_negative_float, default=0.05, help="AdamW weight decay")
     add(
         "--schedule",
         choices=("cosine", "plateau"),
         default="cosine",
         help="cosine: linear warm-up then cosine decay per step; plateau: x0.1 after 2 flat epochs",
     )
-    add("--warmup-epochs", type=float, default=1.0, help="warm-up length of the cosine schedule")
+    add(
+        "--warmup-epochs",
+        type=common.non_negative_float,
+        default=1.0,
+        help="warm-up length of the cosine schedule",
+    )
     add(
         "--monitor",
         choices=("auc", "loss"),
@@ -154,7 +145,7 @@ def get_args_parser():
     )
     add(
         "--target-sensitivity",
-        type=fraction,
+        type=common.fraction,
         default=0.9,
         help="with --threshold auto: the highest threshold catching this share of validation melanomas",
     )
@@ -169,7 +160,7 @@ def get_args_parser():
     add(
         "--workers",
         type=common.non_negative_int,
-        default=min(4, os.cpu_count() or 1),
+        default=min(4, common.available_cores()),
         help="data-loading processes per training process (0 loads in the training process)",
     )
     add(
@@ -181,7 +172,7 @@ def get_args_parser():
     add("--resume", action="store_true", help=f"continue the run saved in OUT/{LAST_CHECKPOINT}")
     add(
         "--ood-flag-rate",
-        type=fraction,
+        type=common.fraction,
         default=0.05,
         help="share of real validation images the 'cannot judge this image' flag may catch; "
         "its threshold is set on val/ to flag exactly this share",
@@ -862,8 +853,9 @@ def run_epoch(args, runtime, trainer, loaders, epoch):
     # Dropout's stream, re-derived each epoch so that a resumed run draws the same numbers.
     torch.manual_seed(derived_seed(args.seed, TRAINING_STREAM, epoch, runtime.rank))
     description = f"Epoch {epoch + 1}/{args.epochs}"
-    train = trainer.train_one_epoch(loaders["train"], description, show_progress=runtime.is_main)
-    val = score_split(trainer.model, loaders["val"], runtime.device, "Validating", runtime.is_main)
+    show_progress = common.show_progress(runtime.is_main)  # without bars, summary_line still logs each epoch
+    train = trainer.train_one_epoch(loaders["train"], description, show_progress)
+    val = score_split(trainer.model, loaders["val"], runtime.device, "Validating", show_progress)
     return gather_scores(train, runtime), gather_scores(val, runtime)
 
 

@@ -8,6 +8,7 @@ seeded, stratified by label and grouped by lesion; only the training split is ba
 is built in a hidden folder beside `--out` and renamed into place at the very end.
 """
 
+import argparse
 import csv
 import hashlib
 import multiprocessing
@@ -31,8 +32,6 @@ from tqdm import tqdm
 
 import common
 
-SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("split", "file", "label", "source_image", "lesion_id", "augmented")
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
 # 4:3 dermoscopy images stored at 512x384 keep a 384-pixel short side: training at 384 pixels
 # never upsamples, while every epoch decodes 27% fewer pixels than at 600x450 (and camera-sized
@@ -55,11 +54,22 @@ class Record:
     source: Path | None = None
 
 
+class SplitFractions(argparse.Action):
+    """--split TRAIN VAL TEST: three fractions, none negative, that sum to 1."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any(value < 0 for value in values) or abs(sum(values) - 1) > 1e-6:
+            shown = " ".join(map(str, values))
+            raise argparse.ArgumentError(self, f"need three fractions >= 0 summing to 1, not {shown}")
+        setattr(namespace, self.dest, values)
+
+
 def get_args_parser():
     parser = common.ArgumentParser(
         description="Prepare a split, balanced mel_/nomel_ image tree from a label CSV and an image folder.",
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--csv",
         metavar="PATH",
         type=Path,
@@ -67,7 +77,7 @@ def get_args_parser():
         help="labels: one-hot ground truth with a MEL column (ISIC 2018/2019, Kaggle HAM10000) "
         "or HAM10000 metadata with image_id and dx columns (default: GroundTruth.csv)",
     )
-    parser.add_argument(
+    add(
         "--images",
         metavar="FOLDER",
         type=Path,
@@ -75,7 +85,7 @@ def get_args_parser():
         help="folder holding <image id>.jpg (or .png, ...) for each CSV row; never modified "
         "(default: images)",
     )
-    parser.add_argument(
+    add(
         "--metadata",
         metavar="PATH",
         type=Path,
@@ -83,29 +93,28 @@ def get_args_parser():
         help="HAM10000-style metadata CSV with lesion_id and image_id, so that no lesion lands in "
         "two splits (default: HAM10000_metadata.csv or metadata.csv beside --csv, when present)",
     )
-    parser.add_argument(
+    add(
         "--out",
         metavar="FOLDER",
         type=Path,
         default=Path("prepared_dataset"),
         help="output folder (default: prepared_dataset)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
-    )
-    parser.add_argument(
+    add("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    add(
         "--split",
         type=float,
         nargs=3,
+        action=SplitFractions,
         default=(0.7, 0.2, 0.1),
         metavar=("TRAIN", "VAL", "TEST"),
         help="fractions of the images for train, val and test, summing to 1; zeros are allowed, "
         "e.g. 0 0 1 to score a new data set (default: 0.7 0.2 0.1)",
     )
-    parser.add_argument(
+    add(
         "--seed",
         metavar="N",
-        type=int,
+        type=common.non_negative_int,
         default=42,
         help="seed of the split and of the augmentation (default: 42)",
     )
@@ -113,40 +122,35 @@ def get_args_parser():
     balance.add_argument(
         "--balance-ratio",
         metavar="RATIO",
-        type=float,
+        type=common.positive_float,
         default=1.0,
         help="augment training melanomas until melanoma = RATIO x non-melanoma (default: 1.0)",
     )
     balance.add_argument(
         "--no-balance", action="store_true", help="write no augmented copies (train keeps its imbalance)"
     )
-    parser.add_argument(
+    add(
         "--max-side",
         metavar="N",
-        type=int,
+        type=common.non_negative_int,
         default=DEFAULT_MAX_SIDE,
         help="shrink images whose longer side exceeds N pixels; 0 keeps every image at full size "
         f"(default: {DEFAULT_MAX_SIDE}, which keeps a 384-pixel short side on 4:3 images)",
     )
-    parser.add_argument(
+    add(
         "--workers",
         metavar="N",
-        type=int,
-        default=available_cores(),
+        type=common.positive_int,
+        default=common.available_cores(),
         help="processes that decode, augment and write images; 1 runs in this process "
         "(default: all cores, here %(default)s)",
     )
     return parser
 
 
-def available_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @common.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    check_numbers(args)
     check_paths(args)
     try:
         prepare(args)
@@ -169,31 +173,16 @@ def prepare(args):
         splits = split_records(records, args.split, args.seed)
         manifest = place_originals(splits, temporary)
         manifest += write_augmented_copies(splits["train"], temporary / "train", args)
-        write_manifest(manifest, temporary / "manifest.csv")
+        common.write_manifest(temporary / common.MANIFEST_FILE, manifest)
         move_into_place(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     print_summary(manifest, lesions_known)
-    print(f"Wrote {len(manifest)} images and manifest.csv to {args.out}")
+    print(f"Wrote {len(manifest)} images and {common.MANIFEST_FILE} to {args.out}")
 
 
 # --- checking the command line -----------------------------------------------------------------
-
-
-def check_numbers(args):
-    if any(fraction < 0 for fraction in args.split) or abs(sum(args.split) - 1) > 1e-6:
-        raise common.UserError(
-            f"--split {' '.join(map(str, args.split))}: need three fractions >= 0 summing to 1"
-        )
-    if args.balance_ratio <= 0:
-        raise common.UserError(f"--balance-ratio {args.balance_ratio}: must be above 0 (or use --no-balance)")
-    if args.max_side < 0:
-        raise common.UserError(
-            f"--max-side {args.max_side}: must be 0 (full size) or a positive number of pixels"
-        )
-    if args.workers < 1:
-        raise common.UserError(f"--workers {args.workers}: need at least 1")
 
 
 def check_paths(args):
@@ -432,7 +421,7 @@ def split_records(records, fractions, seed):
     for record in records:
         key = ("lesion", record.lesion_id) if record.lesion_id else ("image", record.image_id)
         groups[key].append(record)
-    splits = {name: [] for name in SPLITS}
+    splits = {name: [] for name in common.SPLITS}
     for label in (common.MELANOMA, common.NON_MELANOMA):
         keys = [key for key, members in groups.items() if group_label(members) == label]
         keys.sort(key=lambda key: stable_hash(seed, *key))
@@ -454,10 +443,10 @@ def split_at(position, fractions):
     """The split whose share of [0, 1) holds `position`; float rounding at the very end falls
     into the last split that has a share."""
     upper_bounds = np.cumsum(fractions) / sum(fractions)
-    for name, upper in zip(SPLITS, upper_bounds, strict=True):
+    for name, upper in zip(common.SPLITS, upper_bounds, strict=True):
         if position < upper:
             return name
-    return [name for name, fraction in zip(SPLITS, fractions, strict=True) if fraction > 0][-1]
+    return [name for name, fraction in zip(common.SPLITS, fractions, strict=True) if fraction > 0][-1]
 
 
 def stable_hash(*parts):
@@ -483,14 +472,7 @@ def place_originals(splits, tree):
 
 
 def manifest_row(split, file, record, augmented):
-    return {
-        "split": split,
-        "file": file,
-        "label": record.label,
-        "source_image": record.image_id,
-        "lesion_id": record.lesion_id or "",
-        "augmented": "yes" if augmented else "no",
-    }
+    return common.ManifestRow(split, file, record.label, record.image_id, record.lesion_id, augmented)
 
 
 def write_augmented_copies(train, folder, args):
@@ -573,14 +555,6 @@ def augmentation(square):
     )
 
 
-def write_manifest(rows, path):
-    order = {name: index for index, name in enumerate(SPLITS)}
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda row: (order[row["split"]], row["file"])))
-
-
 def move_into_place(temporary, out):
     """Swap the finished tree in with renames: `out` is either the old tree or the whole new one."""
     if out.exists():
@@ -610,7 +584,10 @@ def run_in_parallel(function, tasks, workers, description):
     # pytest's) can copy a held lock into the child and hang it.
     spawn = multiprocessing.get_context("spawn")
     pool = spawn.Pool(workers, initializer=start_worker) if workers > 1 else nullcontext()
-    with pool, tqdm(total=len(tasks), desc=description, unit="img", disable=None) as bar:
+    with (
+        pool,
+        tqdm(total=len(tasks), desc=description, unit="img", disable=not common.show_progress()) as bar,
+    ):
         # Small chunks keep the bar moving and the cores evenly loaded.
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
         results = (
@@ -636,13 +613,11 @@ def print_summary(manifest, lesions_known):
     print(
         f"\n{'split':<6} {'images':>7} {'lesions':>8} {'melanoma':>9} {'non-melanoma':>13} {'augmented':>10}"
     )
-    for name in SPLITS:
-        rows = [row for row in manifest if row["split"] == name]
-        originals = [row for row in rows if row["augmented"] == "no"]
-        lesions = (
-            len({row["lesion_id"] or row["source_image"] for row in originals}) if lesions_known else "-"
-        )
-        melanoma = sum(row["label"] == common.MELANOMA for row in rows)
+    for name in common.SPLITS:
+        rows = [row for row in manifest if row.split == name]
+        originals = [row for row in rows if not row.augmented]
+        lesions = len({row.lesion_id or row.source_image for row in originals}) if lesions_known else "-"
+        melanoma = sum(row.label == common.MELANOMA for row in rows)
         augmented = len(rows) - len(originals)
         print(
             f"{name:<6} {len(rows):>7} {lesions:>8} {melanoma:>9} {len(rows) - melanoma:>13} {augmented:>10}"

@@ -12,108 +12,24 @@ the precision the app scores in are from fp32 on real images, for the checkpoint
 prints figures; it never fails on timing.
 """
 
-import http.client
-import io
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from werkzeug.datastructures import FileStorage
-from werkzeug.test import encode_multipart
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import app_harness  # noqa: E402
 import common  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SMALL_IMAGES = SHARED_DATA / "ham10000_sample" / "images"
 LARGE_PHOTOS = SHARED_DATA / "large_photos" / "images"
-
-
-# --- a client and a server, also used by tests/test_app.py and tests/test_browser.py --------
-
-
-@contextmanager
-def running_server(checkpoint, *app_args):
-    """`app.py --model checkpoint` on 127.0.0.1 with a free port: yields (base URL, process)."""
-    command = [sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", "0", *app_args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()  # app.py prints its address once it is warmed up
-        if not line.startswith("Serving on "):
-            raise RuntimeError(f"app.py did not start (exit code {process.poll()}): {line!r}")
-        yield line.split()[2], process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def post_file(base_url, data, filename="upload.jpg", explain=False, path="/api/predict", timeout=120):
-    """POST `data` as the multipart field `file`: (HTTP status, decoded JSON, seconds taken)."""
-    boundary, body = encode_multipart({"file": FileStorage(io.BytesIO(data), filename)})
-    url = urllib.parse.urlsplit(base_url)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-    start = time.perf_counter()
-    try:
-        connection.request(
-            "POST",
-            path + ("?explain=1" if explain else ""),
-            body,
-            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
-        response = connection.getresponse()
-        payload = response.read()
-    finally:
-        connection.close()
-    return response.status, json.loads(payload), time.perf_counter() - start
-
-
-def get_json(base_url, path):
-    url = urllib.parse.urlsplit(base_url)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    try:
-        connection.request("GET", path)
-        return json.loads(connection.getresponse().read())
-    finally:
-        connection.close()
-
-
-def post_concurrently(base_url, uploads, requests, clients):
-    """`requests` posts of `uploads` (cycled) from `clients` threads: (answers, seconds in all)."""
-    with ThreadPoolExecutor(clients) as pool:
-        start = time.perf_counter()
-        answers = list(pool.map(lambda i: post_file(base_url, uploads[i % len(uploads)]), range(requests)))
-        return answers, time.perf_counter() - start
-
-
-def precision_gap(checkpoint, paths):
-    """Largest |served probability - plain fp32 network's probability| over the images `paths`:
-    what the served network (batch norms folded into convolutions) changes."""
-    device = torch.device("cpu")
-    served_model, meta = common.load_scoring_model(checkpoint, device)
-    plain_model, _ = common.load_checkpoint(checkpoint, device)
-    transform = common.checkpoint_transform(meta)
-    gaps = []
-    for start in range(0, len(paths), 64):  # batches of 64 keep 384-px memory modest
-        images = [common.load_image(path, min_size=meta["image_size"]) for path in paths[start : start + 64]]
-        batch = torch.stack([transform(image) for image in images])
-        plain, served = (
-            common.melanoma_probability(common.network_outputs(model, batch, device)[0])
-            for model in (plain_model, served_model)
-        )
-        gaps.append(np.abs(served - plain).max())
-    return float(max(gaps))
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -127,7 +43,9 @@ def post_sequentially(base_url, uploads, requests, explain=False):
     """`requests` posts made one after the other: [(answer, seconds)]."""
     results = []
     for index in range(requests):
-        status, answer, seconds = post_file(base_url, uploads[index % len(uploads)], explain=explain)
+        status, answer, seconds = app_harness.post_file(
+            base_url, uploads[index % len(uploads)], explain=explain
+        )
         if status != 200:
             raise RuntimeError(f"the app answered {status}: {answer}")
         results.append((answer, seconds))
@@ -173,17 +91,17 @@ def report_latency(name, results, reference_ms=None):
 
 def run_benchmark(args, checkpoint):
     small, large = read_images(SMALL_IMAGES, args.requests), read_images(LARGE_PHOTOS, args.requests)
-    with running_server(checkpoint, "--threads", str(args.threads)) as (url, process):
-        print(f"server: {get_json(url, '/healthz')}", flush=True)
+    with app_harness.running_server(checkpoint, "--threads", str(args.threads)) as (url, process):
+        print(f"server: {app_harness.get_json(url, '/healthz')}", flush=True)
         for upload in small[:2] + large[:2]:  # first requests pay one-off costs (connections, caches)
-            post_file(url, upload)
+            app_harness.post_file(url, upload)
         small_p50 = report_latency("600x450 (ham10000_sample)", post_sequentially(url, small, args.requests))
         report_latency(
             "1024x768-3008x2000 (large_photos)", post_sequentially(url, large, args.requests), small_p50
         )
         if args.explain:
             report_latency("600x450 with ?explain=1", post_sequentially(url, small, args.requests, True))
-        answers, seconds = post_concurrently(url, small, args.load_requests, args.clients)
+        answers, seconds = app_harness.post_concurrently(url, small, args.load_requests, args.clients)
         errors = sum(status != 200 for status, _, _ in answers)
         print(
             f"{args.clients} concurrent clients: {args.load_requests / seconds:.1f} requests/s, "
@@ -236,7 +154,7 @@ def main(argv=None):
             photos = sorted(args.precision_data.glob("*.jpg"))
             if not photos:
                 raise common.UserError(f"{args.precision_data}: no .jpg images here")
-        gap = precision_gap(checkpoint, photos)
+        gap = app_harness.precision_gap(checkpoint, photos)
         print(f"max |probability - fp32 probability| over {len(photos)} real images: {gap:.5f}")
 
 

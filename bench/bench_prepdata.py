@@ -33,7 +33,7 @@ def get_args_parser():
     parser.add_argument(
         "--workers",
         type=int,
-        default=prepdata.available_cores(),
+        default=common.available_cores(),
         help="processes for the parallel run (default: all cores, here %(default)s)",
     )
     parser.add_argument(

@@ -16,17 +16,18 @@ model.py; test images are only scored.
 import argparse
 import csv
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app_harness  # noqa: E402
+import common  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "ham10000_300"
 
 # Each recipe: how prepdata balances train/, and what model.py is told on top of the common flags.
@@ -121,58 +122,17 @@ def run_recipe(name, args, labels_csv):
     }
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(url, process, seconds=180):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"app.py exited with code {process.returncode} before serving")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    sys.exit(f"app.py did not answer {url} within {seconds} s")
-
-
-def post_image(url, path):
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="lesion.jpg"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + path.read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.load(response)
-
-
 def check_app(checkpoint, predictions_csv, test_folder, count):
     """Serve the checkpoint with app.py and compare its answers with analysis.py's predictions."""
     with open(predictions_csv, newline="") as file:
         predictions = list(csv.DictReader(file))[:count]
-    port = free_port()
-    command = [sys.executable, str(ROOT / "app.py"), "--model", str(checkpoint), "--port", str(port)]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", server)
-        differences = []
+    differences = []
+    with app_harness.running_server(checkpoint) as (url, _):
         for row in predictions:
-            answer = post_image(f"http://127.0.0.1:{port}/api/predict", test_folder / row["file"])
+            status, answer, _ = app_harness.post_file(url, (test_folder / row["file"]).read_bytes())
+            if status != 200:
+                sys.exit(f"app.py answered {status} for {row['file']}: {answer}")
             differences.append(abs(answer["probability"] - float(row["probability"])))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return {"images": len(differences), "max_probability_difference": max(differences, default=None)}
 
 
@@ -226,7 +186,8 @@ def start_run(args):
 
 def finish_report(lines, start, path):
     """Add the total wall time, print the report and write it to `path`."""
-    lines.append(f"total wall time: {(time.perf_counter() - start) / 60:.1f} min on {os.cpu_count()} cores")
+    minutes = (time.perf_counter() - start) / 60
+    lines.append(f"total wall time: {minutes:.1f} min on {common.available_cores()} cores")
     print("\n" + "\n".join(lines))
     path.write_text("\n".join(lines) + "\n")
 

@@ -16,7 +16,6 @@ gradients and AdamW state, and on CUDA the measured peak allocation. It prints f
 fails on timing.
 """
 
-import os
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ def get_args_parser():
     add(
         "--workers",
         type=common.non_negative_int,
-        default=min(4, os.cpu_count() or 1),
+        default=model.get_args_parser().get_default("workers"),
         help="loader processes for (b) (default: model.py's default, %(default)s)",
     )
     add("--device", default="auto", help="auto, cpu or cuda (default: auto)")

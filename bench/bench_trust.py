@@ -362,7 +362,8 @@ def score_files(model, meta, rules, paths, description, device, batch_size):
     """(logits, the app's answer for each image) of image files, decoded and scored as app.py does."""
     size, transform = meta["image_size"], common.checkpoint_transform(meta)
     logits, answers = [], []
-    for start in tqdm(range(0, len(paths), batch_size), description, unit="batch", disable=None, leave=False):
+    batches = range(0, len(paths), batch_size)
+    for start in tqdm(batches, description, unit="batch", disable=not common.show_progress(), leave=False):
         images = [common.load_image(path, min_size=size) for path in paths[start : start + batch_size]]
         batch = torch.stack([transform(image) for image in images])
         batch_logits, features = common.network_outputs(model, batch, device)

@@ -403,7 +403,9 @@ def test_bad_input_in_a_real_process(case, tmp_path, random_checkpoint):
         assert "mel_broken.jpg: not a readable image" in result.stderr
 
 
-@pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--workers", "-1"], ["--bootstrap", "x"]])
+@pytest.mark.parametrize(
+    "flag", [["--batch-size", "0"], ["--workers", "-1"], ["--bootstrap", "x"], ["--seed", "-1"]]
+)
 def test_bad_numbers_are_rejected_by_the_parser(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         analysis.main(flag)

@@ -24,8 +24,8 @@ from PIL import Image
 from werkzeug import formparser
 
 import app
+import app_harness
 import common
-from bench import bench_app
 
 SMALL_JPEG = SAMPLE / "images" / "ISIC_0024306.jpg"  # 300x225, bundled
 HAM_JPEG = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[0]  # 600x450
@@ -293,7 +293,7 @@ def test_served_network_stays_within_001_of_the_plain_fp32_network_on_real_image
         + sorted((LARGE_PHOTOS / "images").glob("*.jpg"))[:2]
     )
     checkpoint = make_varied_checkpoint(tmp_path / "model.pth", photos, image_size=384)
-    assert bench_app.precision_gap(checkpoint, photos) <= 0.01
+    assert app_harness.precision_gap(checkpoint, photos) <= 0.01
 
 
 # --- a real server: load and size limits over HTTP --------------------------------------------
@@ -307,7 +307,7 @@ def server(tmp_path_factory):
     # Probabilities that differ between the photos, so that a batch answering the wrong request
     # would show.
     checkpoint = make_varied_checkpoint(tmp_path_factory.mktemp("varied") / "model.pth", SERVER_PHOTOS)
-    with bench_app.running_server(
+    with app_harness.running_server(
         checkpoint, "--threads", "4", "--torch-threads", "1", "--max-upload-mb", "2"
     ) as (url, _):
         yield url
@@ -316,9 +316,9 @@ def server(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_100_requests_from_4_threads_all_succeed_with_their_own_answers(server):
     uploads = [path.read_bytes() for path in SERVER_PHOTOS]
-    alone = [bench_app.post_file(server, upload)[1]["probability"] for upload in uploads]
+    alone = [app_harness.post_file(server, upload)[1]["probability"] for upload in uploads]
     assert len({round(probability, 3) for probability in alone}) == len(uploads)
-    answers, _ = bench_app.post_concurrently(server, uploads, requests=100, clients=4)
+    answers, _ = app_harness.post_concurrently(server, uploads, requests=100, clients=4)
     assert [status for status, _, _ in answers] == [200] * 100
     # Each image gets its own probability, however the requests interleave and are batched.
     for index, (_, answer, _) in enumerate(answers):
@@ -326,9 +326,9 @@ def test_100_requests_from_4_threads_all_succeed_with_their_own_answers(server):
 
 
 def test_the_server_answers_an_oversized_upload_with_json_413(server):
-    status, answer, _ = bench_app.post_file(server, LARGE_JPEG.read_bytes())  # 2.8 MB > 2 MB
+    status, answer, _ = app_harness.post_file(server, LARGE_JPEG.read_bytes())  # 2.8 MB > 2 MB
     assert (status, answer) == (413, {"error": "the upload is larger than the 2 MB limit"})
-    assert bench_app.get_json(server, "/healthz")["status"] == "ok"
+    assert app_harness.get_json(server, "/healthz")["status"] == "ok"
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -363,9 +363,14 @@ def test_a_busy_port_is_one_line(random_checkpoint, capsys):
     assert "--port" in result.stderr
 
 
-@pytest.mark.parametrize("flag", ["--threads", "--torch-threads", "--max-upload-mb"])
-def test_a_non_positive_number_is_one_line(random_checkpoint, capsys, flag):
-    assert_one_line_error(run_main(capsys, "--model", random_checkpoint, flag, "0"))
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--threads", "0"), ("--torch-threads", "0"), ("--max-upload-mb", "0"), ("--port", "70000")],
+)
+def test_a_number_out_of_range_is_one_line(random_checkpoint, capsys, flag, value):
+    result = run_main(capsys, "--model", random_checkpoint, flag, value)
+    assert_one_line_error(result)
+    assert flag in result.stderr
 
 
 def test_help_lists_every_flag(capsys):

@@ -6,7 +6,7 @@ import pytest
 from conftest import SAMPLE, text_page
 from playwright.sync_api import expect, sync_playwright
 
-from bench import bench_app
+import app_harness
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: `make browser` installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -15,13 +15,13 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def server(random_checkpoint):
-    with bench_app.running_server(random_checkpoint, "--threads", "2", "--torch-threads", "1") as (url, _):
+    with app_harness.running_server(random_checkpoint, "--threads", "2", "--torch-threads", "1") as (url, _):
         yield url
 
 
 @pytest.fixture(scope="module")
 def trusted_server(trusted_checkpoint):
-    with bench_app.running_server(trusted_checkpoint, "--threads", "2", "--torch-threads", "1") as (url, _):
+    with app_harness.running_server(trusted_checkpoint, "--threads", "2", "--torch-threads", "1") as (url, _):
         yield url
 
 

@@ -1,6 +1,8 @@
 """common.py: labels, safe image loading, the model, checkpoints, devices."""
 
+import argparse
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +33,30 @@ def test_file_name_convention_round_trips():
     assert common.label_from_filename("notes.txt") is None
     assert common.label_from_filename("ISIC_1.jpg") is None
     assert common.label_from_filename("mel_ISIC_1.csv") is None
+
+
+def test_manifest_is_written_in_split_order_and_reads_back(tmp_path):
+    rows = [
+        common.ManifestRow("test", "nomel_ISIC_3.jpg", 0, "ISIC_3", None, False),
+        common.ManifestRow("train", "mel_aug_ISIC_1_0.jpg", 1, "ISIC_1", "HAM_1", True),
+        common.ManifestRow("train", "mel_ISIC_1.jpg", 1, "ISIC_1", "HAM_1", False),
+    ]
+    path = tmp_path / common.MANIFEST_FILE
+    common.write_manifest(path, rows)
+    assert path.read_text(encoding="utf-8") == (
+        "split,file,label,source_image,lesion_id,augmented\n"
+        "train,mel_ISIC_1.jpg,1,ISIC_1,HAM_1,no\n"
+        "train,mel_aug_ISIC_1_0.jpg,1,ISIC_1,HAM_1,yes\n"
+        "test,nomel_ISIC_3.jpg,0,ISIC_3,,no\n"
+    )
+    assert common.read_manifest(path) == [rows[2], rows[1], rows[0]._replace(lesion_id="")]
+
+
+def test_a_malformed_manifest_is_a_user_error(tmp_path):
+    path = tmp_path / common.MANIFEST_FILE
+    path.write_text("split,file,label,source_image,lesion_id,augmented\ntrain,a.jpg,1,a,,maybe\n")
+    with pytest.raises(common.UserError, match="augmented yes/no"):
+        common.read_manifest(path)
 
 
 def test_load_image_applies_exif_orientation():
@@ -185,6 +211,34 @@ def test_device_and_precision_choice():
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match="no CUDA"):
             common.choose_device("cuda")
+
+
+def test_numeric_flag_types_keep_values_in_range():
+    assert (common.port_number("0"), common.port_number("65535")) == (0, 65535)
+    assert common.non_negative_float("0") == 0 and common.positive_float("1e-4") == 1e-4
+    assert common.fraction("1") == 1
+    for parse, text in [
+        (common.positive_int, "0"),
+        (common.port_number, "65536"),
+        (common.positive_float, "0"),
+        (common.non_negative_float, "-0.5"),
+        (common.fraction, "0"),
+        (common.fraction, "1.5"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(text)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_are_shown_on_a_terminal_only(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file or a pipe
+    assert not common.show_progress()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert common.show_progress() and not common.show_progress(wanted=False)
 
 
 def test_real_sample_images_decode():

@@ -165,6 +165,7 @@ def test_training_run_writes_checkpoint_history_and_tests(prepared, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU found" in result.stdout and "random initialisation" in result.stdout
     assert "Epoch [1/2] - Train Loss:" in result.stdout and "Val AUC:" in result.stdout
+    assert "%|" not in result.stderr  # no tqdm bars in a pipe (the lines above are the log)
     assert "Classification Report:" in result.stdout and "ROC AUC:" in result.stdout
 
     saved = torch.load(tmp_path / model.BEST_CHECKPOINT, weights_only=True)
@@ -276,6 +277,7 @@ def test_a_bad_flag_is_one_line_on_the_command_line(prepared, tmp_path):
     [
         (["--threshold", "high"], "--threshold"),
         (["--target-sensitivity", "0"], "--target-sensitivity"),
+        (["--weight-decay", "-0.1"], "--weight-decay"),
         (["--amp", "fp16", "--device", "cpu"], "fp16"),
         (["--device", "cuda"], "CUDA"),
         (["--weights", "missing.pth"], "missing.pth"),

@@ -105,7 +105,7 @@ def ham_tree(tmp_path_factory):
 def test_tree_matches_its_manifest(sample_tree):
     out, _, _ = sample_tree
     with open(out / "manifest.csv", newline="") as file:
-        assert file.readline().strip() == ",".join(prepdata.MANIFEST_FIELDS)
+        assert file.readline().strip() == ",".join(common.MANIFEST_COLUMNS)
     rows = read_manifest(out)
     on_disk = {f"{path.parent.name}/{path.name}" for path in out.glob("*/*")}
     assert on_disk == {f"{row['split']}/{row['file']}" for row in rows}
@@ -135,7 +135,7 @@ def test_source_folder_is_byte_identical_after_a_run(sample_tree):
 def test_summary_table_counts_each_split(sample_tree):
     out, printed, _ = sample_tree
     rows = read_manifest(out)
-    for split in prepdata.SPLITS:
+    for split in common.SPLITS:
         in_split = [row for row in rows if row["split"] == split]
         melanoma = sum(row["label"] == "1" for row in in_split)
         lesions = len({row["lesion_id"] for row in originals(in_split)})
@@ -150,7 +150,7 @@ def test_summary_table_counts_each_split(sample_tree):
 def test_split_sizes_and_stratification(ham_tree):
     rows = originals(read_manifest(ham_tree[0]))
     melanoma_share = np.mean([row["label"] == "1" for row in rows])
-    for split, fraction in zip(prepdata.SPLITS, (0.7, 0.2, 0.1), strict=True):
+    for split, fraction in zip(common.SPLITS, (0.7, 0.2, 0.1), strict=True):
         in_split = originals(rows, split)
         assert len(in_split) == pytest.approx(fraction * len(rows), abs=0.03 * len(rows))
         assert np.mean([row["label"] == "1" for row in in_split]) == pytest.approx(melanoma_share, abs=0.05)
@@ -384,6 +384,7 @@ def test_malformed_csv_is_one_line_and_exit_2(tmp_path, capsys, content):
         (["--split", "-0.1", "0.6", "0.5"], "summing to 1"),
         (["--balance-ratio", "0"], "--balance-ratio"),
         (["--max-side", "-1"], "--max-side"),
+        (["--seed", "-1"], "--seed"),
         (["--workers", "0"], "--workers"),
         (["--no-balance", "--balance-ratio", "2"], "not allowed with"),
     ],
