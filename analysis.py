@@ -844,7 +844,7 @@ def main(argv=None):
     setting = f"{device}, {precision}, TTA {on_off(args.tta)}"
     print(f"Scored {len(dataset):,} images, {speed:.1f} images/s ({setting})")
     rules = common.ScoringRules(meta)
-    answers = rules.answers(scored.logits, scored.features, scored.facts)
+    answers = rules.answers(scored.logits, scored.stage_means, scored.facts)
     uncalibrated = common.melanoma_probability(scored.logits)
     labels = scored.labels
     probabilities = np.array([answer["probability"] for answer in answers])

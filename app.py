@@ -129,8 +129,8 @@ class Predictor:
             return
         try:
             batch = torch.cat([self._batch(image) for image, _, _ in jobs])
-            logits, features = common.network_outputs(self.model, batch, self.device)
-            answers = self.rules.answers(logits, features, [facts for _, facts, _ in jobs])
+            logits, stage_means = common.network_outputs(self.model, batch, self.device)
+            answers = self.rules.answers(logits, stage_means, [facts for _, facts, _ in jobs])
         except Exception as error:  # every request of the batch gets it (a JSON 500)
             for _, _, answer in jobs:
                 answer.set_exception(error)

@@ -370,18 +370,23 @@ def load_scoring_model(path, device="cpu"):
 
 @torch.inference_mode()
 def network_outputs(model, images, device):
-    """(logits, penultimate features) of a normalised batch (N, 3, H, W), as float64 arrays.
+    """(logits, stage means) of a normalised batch (N, 3, H, W), as float64 arrays.
 
-    One forward pass gives both: the out-of-distribution score reads the pooled features that
-    the classifier's linear layer reads. Always fp32: bf16 moved a trained checkpoint's
-    probabilities by up to 0.011 on 1,604 HAM10000 validation images (over the 0.01 rule), and
-    every consumer must score alike for the stored threshold to mean the same thing everywhere.
+    The stage means are each stage's output (`features[i]`) averaged over the image, one
+    (N, channels) array per stage; the last one is what the classifier's linear layer reads.
+    One forward pass gives the answer and what the out-of-distribution score reads. Always
+    fp32: bf16 moved a trained checkpoint's probabilities by up to 0.011 on 1,604 HAM10000
+    validation images (over the 0.01 rule), and every consumer must score alike for the stored
+    threshold to mean the same thing everywhere.
     """
     network = getattr(model, "module", model).efficientnet
-    images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    features = torch.flatten(network.avgpool(network.features(images)), 1)
-    logits = network.classifier(features)
-    return logits.double().cpu().numpy(), features.double().cpu().numpy()
+    x = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    stage_means = []
+    for stage in network.features:
+        x = stage(x)
+        stage_means.append(x.mean(dim=(2, 3)).double().cpu().numpy())
+    logits = network.classifier(torch.flatten(network.avgpool(x), 1))
+    return logits.double().cpu().numpy(), stage_means
 
 
 def dihedral_views(images):
@@ -393,35 +398,36 @@ def dihedral_views(images):
 
 @dataclass
 class ScoredImages:
-    """A scored folder, in dataset order: labels, logits, penultimate features, image facts."""
+    """A scored folder, in dataset order: labels, logits, stage means (one array per stage, as
+    `network_outputs` gives them), image facts."""
 
     labels: np.ndarray
     logits: np.ndarray
-    features: np.ndarray
+    stage_means: list
     facts: list
 
 
 def score_dataset(model, dataset, device, batch_size=32, workers=0, tta=False, description="Scoring"):
     """Run a ScoringDataset through the network. With `tta`, the logits are the mean over the 8
-    flips/rotations of each image; the features always come from the image as it is."""
+    flips/rotations of each image; the stage means always come from the image as it is."""
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
     )
-    parts = {"labels": [], "logits": [], "features": [], "facts": []}
+    parts = {"labels": [], "logits": [], "stage_means": [], "facts": []}
     with tqdm(
         total=len(dataset), unit="img", desc=description, disable=not show_progress(), leave=False
     ) as progress:
         for images, facts, labels in batches_with_readable_errors(loader):
-            logits, features = batch_outputs(model, images, device, tta)
+            logits, stage_means = batch_outputs(model, images, device, tta)
             parts["labels"].append(labels.numpy())
             parts["logits"].append(logits)
-            parts["features"].append(features)
+            parts["stage_means"].append(stage_means)
             parts["facts"] += [dict(zip(IMAGE_FACTS, row.tolist(), strict=True)) for row in facts]
             progress.update(len(images))
     return ScoredImages(
         np.concatenate(parts["labels"]),
         np.concatenate(parts["logits"]),
-        np.concatenate(parts["features"]),
+        [np.concatenate(stage) for stage in zip(*parts["stage_means"], strict=True)],
         parts["facts"],
     )
 
@@ -477,15 +483,30 @@ def shown_probability(log_odds, calibration=None):
     return scipy.special.expit(log_odds)
 
 
-def mahalanobis_scores(features, ood):
-    """Out-of-distribution score of each feature vector (Lee et al., 2018): the squared
-    Mahalanobis distance to the nearest class mean of the training images, under their shared
-    (Ledoit-Wolf shrunk) covariance. Higher means less like the images the model learnt from."""
-    scores = []
-    for mean in ood["class_means"]:
+def mahalanobis_distances(features, class_means, precision):
+    """Squared Mahalanobis distance of each feature vector to the nearest class mean, under the
+    classes' shared covariance (given as its inverse, `precision`)."""
+    distances = []
+    for mean in class_means:
         centred = features - mean
-        scores.append(np.einsum("nd,de,ne->n", centred, ood["precision"], centred))
-    return np.min(scores, axis=0)
+        distances.append(np.einsum("nd,de,ne->n", centred, precision, centred, optimize=True))
+    return np.min(distances, axis=0)
+
+
+def ood_scores(stage_means, ood):
+    """Out-of-distribution score of each image (Lee et al., 2018, with their feature ensemble):
+    at each of the checkpoint's stages, the Mahalanobis distance of the stage mean to the
+    training images, in units of its own validation percentile; the score is the largest.
+    Above 1 at one stage already means: less like the training images than most validation
+    images are, there."""
+    return np.max(
+        [
+            mahalanobis_distances(stage_means[stage["stage"]], stage["class_means"], stage["precision"])
+            / stage["scale"]
+            for stage in ood["stages"]
+        ],
+        axis=0,
+    )
 
 
 # What the answer needs to know of the decoded image besides its pixels: its size, and the
@@ -538,6 +559,14 @@ def size_warnings(facts, image_size):
     return warnings
 
 
+def as_arrays(values):
+    """A dict's tensors as float64 NumPy arrays (the checkpoint stores tensors)."""
+    return {
+        key: np.asarray(value, dtype=np.float64) if isinstance(value, torch.Tensor) else value
+        for key, value in values.items()
+    }
+
+
 class ScoringRules:
     """A checkpoint's rules for turning the network's outputs into the answer for one image:
     the calibration, the decision threshold, the out-of-distribution score and its threshold,
@@ -551,11 +580,7 @@ class ScoringRules:
         self.quality = meta.get("quality")
         self.ood = meta.get("ood")
         if self.ood is not None:  # tensors in the checkpoint; arrays here, converted once
-            self.ood = {
-                **self.ood,
-                "class_means": np.asarray(self.ood["class_means"], dtype=np.float64),
-                "precision": np.asarray(self.ood["precision"], dtype=np.float64),
-            }
+            self.ood = {**self.ood, "stages": [as_arrays(stage) for stage in self.ood["stages"]]}
 
     @property
     def can_flag(self):
@@ -564,11 +589,11 @@ class ScoringRules:
     def probabilities(self, logits):
         return melanoma_probability(logits, self.calibration)
 
-    def ood_scores(self, features):
+    def ood_scores(self, stage_means):
         """Each image's out-of-distribution score; None for each when the checkpoint has none."""
         if self.ood is None:
-            return [None] * len(features)
-        return mahalanobis_scores(features, self.ood)
+            return [None] * len(stage_means[0])
+        return ood_scores(stage_means, self.ood)
 
     def warnings(self, facts):
         """Size and quality warnings for one image's `image_facts` (quality: when fitted)."""
@@ -587,11 +612,12 @@ class ScoringRules:
     def label(self, probability):
         return MELANOMA if probability >= self.threshold else NON_MELANOMA
 
-    def answers(self, logits, features, facts):
+    def answers(self, logits, stage_means, facts):
         """The answer for each image of a batch: {label, probability, threshold, calibrated,
-        reliable, reasons, ood_score, ood_threshold, warnings}; `facts`: each one's image_facts."""
+        reliable, reasons, ood_score, ood_threshold, warnings}, from `network_outputs` and each
+        image's image_facts."""
         probabilities = self.probabilities(logits)
-        ood_scores = self.ood_scores(features)
+        ood_scores = self.ood_scores(stage_means)
         answers = []
         for image_facts_, probability, ood_score in zip(facts, probabilities, ood_scores, strict=True):
             answers.append(

@@ -366,9 +366,9 @@ def score_files(model, meta, rules, paths, description, device, batch_size):
     for start in tqdm(batches, description, unit="batch", disable=not common.show_progress(), leave=False):
         images = [common.load_image(path, min_size=size) for path in paths[start : start + batch_size]]
         batch = torch.stack([transform(image) for image in images])
-        batch_logits, features = common.network_outputs(model, batch, device)
+        batch_logits, stage_means = common.network_outputs(model, batch, device)
         answers += rules.answers(
-            batch_logits, features, [common.image_facts(image, size) for image in images]
+            batch_logits, stage_means, [common.image_facts(image, size) for image in images]
         )
         logits.append(batch_logits)
     return np.concatenate(logits), answers
