@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,54 @@ def run_benchmark(args, checkpoint):
         print(f"server peak memory (VmHWM): {peak_memory_mb(process):.0f} MB")
 
 
+def answer_overhead(checkpoint, photos, repeats=30):
+    """Median ms of one 600x450 upload's model step at batch 1, in this process: the plain
+    forward pass and softmax (what the app ran before it judged images), against the whole
+    answer (stage means, calibrated probability, out-of-distribution score, image facts)."""
+    model, meta = common.load_scoring_model(checkpoint)
+    image = common.load_image(photos[0], min_size=meta["image_size"])
+    batch = (
+        common.checkpoint_transform(meta)(image).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    )
+    rules = common.ScoringRules(with_ood_rules(model, meta, photos))
+    cpu = torch.device("cpu")
+
+    @torch.inference_mode()
+    def plain():
+        torch.softmax(model(batch), dim=1)
+
+    def answer():
+        logits, stage_means = common.network_outputs(model, batch, cpu)
+        rules.answers(logits, stage_means, [common.image_facts(image, meta["image_size"])])
+
+    timings = {}
+    for name, step in (("plain", plain), ("answer", answer)) * 2:  # the first round warms up
+        timings[name] = statistics.median(timed(step) for _ in range(repeats))
+    return timings
+
+
+def with_ood_rules(model, meta, photos):
+    """The checkpoint's metadata with out-of-distribution rules: its own, or rules fitted on the
+    stage means of `photos` (what the score costs does not depend on the fitted values)."""
+    if meta.get("ood"):
+        return meta
+    import model as training  # the bench may use the training code; the app never does
+
+    transform = common.checkpoint_transform(meta)
+    batch = torch.stack(
+        [transform(common.load_image(photo, min_size=meta["image_size"])) for photo in photos]
+    )
+    _, stage_means = common.network_outputs(model, batch, torch.device("cpu"))
+    scored = common.ScoredImages(np.zeros(len(photos), dtype=int), None, stage_means, None)
+    return {**meta, "ood": training.fit_ood(scored, stage_means, 0.05)}
+
+
+def timed(step):
+    start = time.perf_counter()
+    step()
+    return 1000 * (time.perf_counter() - start)
+
+
 def get_args_parser():
     parser = common.ArgumentParser(description="Time app.py over HTTP on 127.0.0.1 with real images.")
     add = parser.add_argument
@@ -149,6 +198,11 @@ def main(argv=None):
         print(f"{cpu_name()}, torch {torch.__version__}, {meta['image_size']} px, weights: {weights}")
         if not args.precision_only:
             run_benchmark(args, checkpoint)
+            overhead = answer_overhead(checkpoint, sorted(SMALL_IMAGES.glob("*.jpg"))[:16])
+            print(
+                f"model step in-process, batch 1: plain forward {overhead['plain']:.1f} ms, the whole answer "
+                f"{overhead['answer']:.1f} ms ({overhead['answer'] / overhead['plain']:.2f}x)"
+            )
         photos = sorted(SMALL_IMAGES.glob("*.jpg"))[:8] + sorted(LARGE_PHOTOS.glob("*.jpg"))
         if args.precision_data:
             photos = sorted(args.precision_data.glob("*.jpg"))
