@@ -42,8 +42,8 @@ bench-tuning: $(INSTALLED)
 	$(PY) bench/bench_tuning.py
 
 # Does the out-of-distribution flag catch images that are not skin lesions, and what does
-# calibration change on the test split? For the checkpoint in bench_runs/trust/ and its
-# prepared_dataset/test (web-page screenshots need `make browser`; without it they are skipped).
+# calibration change on the test split? For the checkpoint `make bench-quality` trained ("ours")
+# and its test split (web-page screenshots need `make browser`; without it they are skipped).
 bench-trust: $(INSTALLED)
 	$(PY) bench/bench_trust.py
 

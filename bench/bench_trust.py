@@ -3,7 +3,7 @@
 Does the out-of-distribution score flag images that are not skin lesions, and what does
 calibration change on the held-out test split?
 
-    .venv/bin/python bench/bench_trust.py      # bench_runs/trust/best_model.pth and its test split
+    .venv/bin/python bench/bench_trust.py      # what `make bench-quality` trained ("ours") and its test split
     .venv/bin/python bench/bench_trust.py --model best_model.pth --data prepared_dataset/test \\
         --non-lesion bench_runs/trust/non_lesion --json bench_runs/trust/bench_trust.json
     make bench-trust
@@ -68,7 +68,8 @@ import common  # noqa: E402
 import metrics  # noqa: E402
 from bench.bench_app import cpu_name  # noqa: E402
 
-WORK = ROOT / "bench_runs" / "trust"
+# `make bench-quality` leaves our recipe's checkpoint and prepared tree here.
+WORK = ROOT / "bench_runs" / "quality" / "ours"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: `make browser` installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SEED = 0
