@@ -1,4 +1,5 @@
-"""analysis.py: scores a folder with a checkpoint; plots, reports and metrics that hold up."""
+"""analysis.py (and report.py, its figures and text): scores a folder with a checkpoint; plots, reports
+and metrics that hold up."""
 
 import contextlib
 import csv
@@ -14,6 +15,7 @@ from sklearn import metrics as skmetrics
 
 import analysis
 import common
+import report
 
 THRESHOLD = 0.495  # near the middle of the varied checkpoint's scores: both kinds of error occur
 HISTORY = {
@@ -199,18 +201,18 @@ def test_confidence_intervals_bracket_the_estimates(full_run):
 
 def test_report_explains_the_run(full_run):
     results, printed = full_run
-    report = (results / "summary_report.txt").read_text()
+    summary = (results / "summary_report.txt").read_text()
     counts = read_metrics(results)["confusion_matrix"]
-    assert report.startswith("Melanoma classifier: evaluation report")
-    paragraph = " ".join(report.split("\n\n")[1].split())
+    assert summary.startswith("Melanoma classifier: evaluation report")
+    paragraph = " ".join(summary.split("\n\n")[1].split())
     assert f"flags {counts['true_positive']} of the 8 melanomas" in paragraph
     assert f"It also flags {counts['false_positive']} of the 8 benign lesions" in paragraph
-    assert "weights started from: none" in report
-    assert "test-time augmentation off" in report
-    assert f"Threshold:  {THRESHOLD:.4f} (chosen by: fixed by the test)" in report
+    assert "weights started from: none" in summary
+    assert "test-time augmentation off" in summary
+    assert f"Threshold:  {THRESHOLD:.4f} (chosen by: fixed by the test)" in summary
     assert "true sensitivity could plausibly be anywhere from" in paragraph
-    assert "learning_curves.png, from" in report
-    assert "images/s" in printed and report in printed
+    assert "learning_curves.png, from" in summary
+    assert "images/s" in printed and summary in printed
 
 
 def test_class_distribution_comes_from_the_manifest(full_run):
@@ -257,10 +259,10 @@ def test_one_class_folder_reports_undefined_metrics(one_class_run):
     assert metrics["confidence_intervals_95"]["sensitivity"] is None
     assert metrics["confidence_intervals_95"]["roc_auc"] is None
     assert metrics["wilson_intervals_95"]["sensitivity"] is None
-    report = (results / "summary_report.txt").read_text()
-    assert "This folder holds no melanomas" in report
-    assert "Sensitivity (recall)              undefined (no melanomas)" in report
-    assert "ROC AUC                           undefined (needs both classes)" in report
+    summary = (results / "summary_report.txt").read_text()
+    assert "This folder holds no melanomas" in summary
+    assert "Sensitivity (recall)              undefined (no melanomas)" in summary
+    assert "ROC AUC                           undefined (needs both classes)" in summary
     with Image.open(results / "roc_curve.png") as image:
         image.verify()
 
@@ -300,10 +302,10 @@ def test_tta_average_does_not_depend_on_orientation(varied_checkpoint, prepared_
 
 
 def test_plain_words_for_rates():
-    assert analysis.in_plain_words(0.9) == ", about 9 in 10"
-    assert analysis.in_plain_words(0.26) == ", about 1 in 4"
-    assert analysis.in_plain_words(0.01) == ""
-    assert analysis.in_plain_words(1.0) == ""
+    assert report.in_plain_words(0.9) == ", about 9 in 10"
+    assert report.in_plain_words(0.26) == ", about 1 in 4"
+    assert report.in_plain_words(0.01) == ""
+    assert report.in_plain_words(1.0) == ""
 
 
 # --- writing the results folder -------------------------------------------------------------------
