@@ -29,19 +29,6 @@ import common
 MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20
 
-# The formats decoded on purpose, recognised by their first bytes, never by the file name or
-# the Content-Type the client claims. (WebP is RIFF....WEBP, checked in `detect_format`.)
-MAGIC_NUMBERS = {
-    "JPEG": (b"\xff\xd8\xff",),
-    "PNG": (b"\x89PNG\r\n\x1a\n",),
-    "BMP": (b"BM",),
-    "TIFF": (b"II*\x00", b"MM\x00*"),
-}
-ALLOWED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP or TIFF"
-
-# Smaller than this there is no lesion to see: refused. Smaller than the model's input size,
-# or very elongated, is scored with a warning (common.size_warnings).
-MIN_IMAGE_SIDE = 32
 HEATMAP_MAX_SIDE = 384
 # Most waiting uploads scored in one forward pass (in flight are at most the server's --threads).
 MAX_BATCH = 8
@@ -161,39 +148,23 @@ class Predictor:
         self.heatmap(image, common.MELANOMA)
 
 
-def detect_format(head):
-    """The allowed format named by the first bytes of a file, or None."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    for name, prefixes in MAGIC_NUMBERS.items():
-        if head.startswith(prefixes):
-            return name
-    return None
-
-
 def read_upload():
-    """The bytes of the multipart field `file`; 400/415 for anything we will not decode."""
+    """The bytes of the multipart field `file` (400 when there is none)."""
     upload = request.files.get("file")
     if upload is None:
         abort(400, "no file: send the image as the multipart form field 'file'")
-    data = upload.read()
-    if not data:
-        abort(400, "the uploaded file is empty")
-    if detect_format(data[:16]) is None:
-        abort(415, f"unsupported file type: send a {ALLOWED_FORMATS_TEXT} image")
-    return data
+    return upload.read()
 
 
 def decode_upload(data, image_size):
+    """The uploaded image, by the rule predict.py applies to files too (common.decode_image_bytes):
+    415 for a format not decoded on purpose, 400 for any other refusal."""
     try:
-        image = common.load_image(io.BytesIO(data), min_size=image_size)
+        return common.decode_image_bytes(data, image_size)
+    except common.UnsupportedImageFormat as error:
+        abort(415, str(error))
     except common.ImageError as error:
         abort(400, str(error))
-    if min(image.size) < MIN_IMAGE_SIDE:
-        abort(
-            400, f"image too small ({image.width}x{image.height}): each side needs {MIN_IMAGE_SIDE}+ pixels"
-        )
-    return image
 
 
 def heatmap_data_url(image, mask):
@@ -286,7 +257,7 @@ def create_app(
             threshold=predictor.meta["threshold"],
             max_upload_bytes=app.config["MAX_CONTENT_LENGTH"],
             max_upload_mb=upload_limit_mb(),
-            formats=ALLOWED_FORMATS_TEXT,
+            formats=common.ALLOWED_FORMATS_TEXT,
         )
 
     @app.post("/api/predict")

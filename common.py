@@ -8,6 +8,7 @@ import argparse
 import csv
 import datetime
 import functools
+import io
 import itertools
 import os
 import sys
@@ -177,6 +178,55 @@ def to_rgb(image):
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+# --- images from outside: what the app and predict.py accept, by one rule -----------------------
+
+# The formats decoded on purpose, recognised by their first bytes, never by the file name or
+# the Content-Type a client claims. (WebP is RIFF....WEBP, checked in `detect_format`.)
+MAGIC_NUMBERS = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+}
+ALLOWED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP or TIFF"
+
+# Smaller than this there is no lesion to see: refused. Smaller than the model's input size,
+# or very elongated, is scored with a warning (size_warnings).
+MIN_IMAGE_SIDE = 32
+
+
+class UnsupportedImageFormat(ImageError):
+    """A file in none of the formats decoded on purpose (the app answers it with a 415)."""
+
+
+def detect_format(head):
+    """The allowed format named by the first bytes of a file, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for name, prefixes in MAGIC_NUMBERS.items():
+        if head.startswith(prefixes):
+            return name
+    return None
+
+
+def decode_image_bytes(data, image_size):
+    """The image held in `data` (a whole file's bytes), decoded as `load_image` does (JPEGs at
+    a reduced scale, never below `image_size`), if the model will score it: an allowed format by
+    its first bytes, within the pixel limit, at least MIN_IMAGE_SIDE pixels a side.
+
+    Raises UnsupportedImageFormat or ImageError with the reason in the words the app answers."""
+    if not data:
+        raise ImageError("the uploaded file is empty")
+    if detect_format(data[:16]) is None:
+        raise UnsupportedImageFormat(f"unsupported file type: send a {ALLOWED_FORMATS_TEXT} image")
+    image = load_image(io.BytesIO(data), min_size=image_size)
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise ImageError(
+            f"image too small ({image.width}x{image.height}): each side needs {MIN_IMAGE_SIDE}+ pixels"
+        )
+    return image
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):

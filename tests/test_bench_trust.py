@@ -1,6 +1,5 @@
 """bench/bench_trust.py's non-lesion set: offline, the same on every run, images the app scores."""
 
-import app
 import common
 from bench import bench_trust
 
@@ -28,4 +27,4 @@ def test_non_lesion_set_is_varied_readable_and_the_same_on_every_run(tmp_path):
     for path, again in zip(first, second, strict=True):
         assert path.read_bytes() == again.read_bytes(), path.name
         image = common.load_image(path, min_size=common.DEFAULT_IMAGE_SIZE)
-        assert min(image.size) >= app.MIN_IMAGE_SIDE, path.name
+        assert min(image.size) >= common.MIN_IMAGE_SIDE, path.name
