@@ -14,14 +14,10 @@ import queue
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import torch
 import waitress
 from flask import Flask, Request, abort, current_app, jsonify, render_template, request
 from PIL import Image
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from werkzeug.exceptions import HTTPException
 
 import common
@@ -29,7 +25,6 @@ import common
 MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20
 
-HEATMAP_MAX_SIDE = 384
 # Most waiting uploads scored in one forward pass (in flight are at most the server's --threads).
 MAX_BATCH = 8
 
@@ -76,11 +71,6 @@ class Predictor:
         self.transform = common.checkpoint_transform(self.meta)
         self.rules = common.ScoringRules(self.meta)
         self.torch_threads = torch.get_num_threads()
-        # Grad-CAM needs gradients only from the head down to its target layer: with every
-        # other weight frozen its backward pass stops there (about the cost of one forward).
-        self.cam_layer = self.model.efficientnet.features[-1]
-        self.model.requires_grad_(False)
-        self.cam_layer.requires_grad_(True)
 
     def summary(self):
         return {
@@ -126,18 +116,10 @@ class Predictor:
             future.set_result(answer)
 
     def _heatmap(self, image, label):
-        cam = GradCAM(model=self.model, target_layers=[self.cam_layer])
-        # Not `with cam:`: its __exit__ silently swallows IndexError.
-        try:
-            return cam(input_tensor=self._batch(image), targets=[ClassifierOutputTarget(label)])[0]
-        finally:
-            cam.activations_and_grads.release()
+        return common.heatmap_masks(self.model, self._batch(image), [label])[0]
 
     def heatmap(self, image, label):
-        """Grad-CAM for `label` on the last convolutional stage: (H, W) floats in [0, 1].
-
-        It runs in fp32: the library converts activations to NumPy, which has no bfloat16.
-        """
+        """Grad-CAM for `label` (common.heatmap_masks): (H, W) floats in [0, 1]."""
         return self.run(self._heatmap, image, label)
 
     def warm_up(self):
@@ -168,15 +150,8 @@ def decode_upload(data, image_size):
 
 
 def heatmap_data_url(image, mask):
-    """The Grad-CAM mask laid over the upload (aspect kept, at most HEATMAP_MAX_SIDE), as a PNG."""
-    shown = image.copy()
-    shown.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
-    # The model saw the image squeezed to a square: stretching the mask back undoes that.
-    mask = np.asarray(Image.fromarray(mask).resize(shown.size, Image.Resampling.BILINEAR))
-    overlay = show_cam_on_image(np.asarray(shown, dtype=np.float32) / 255, mask, use_rgb=True)
-    png = io.BytesIO()
-    Image.fromarray(overlay).save(png, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
+    """The heat map laid over the upload (common.heatmap_png), as a data: URL."""
+    return "data:image/png;base64," + base64.b64encode(common.heatmap_png(image, mask)).decode("ascii")
 
 
 def milliseconds_since(start):

@@ -700,6 +700,50 @@ class ScoringRules:
         }
 
 
+# --- heat maps: the regions that drove the answer (the app's `?explain=1`, predict.py --heatmaps) --
+
+HEATMAP_MAX_SIDE = 384
+
+
+def heatmap_masks(model, images, labels):
+    """Grad-CAM of a normalised batch on the last convolutional stage, each image for its
+    `label`: (N, H, W) floats in [0, 1], at the network's input size.
+
+    Grad-CAM needs gradients only from the head down to its target layer: every other weight
+    is frozen here (and stays so; scoring never needs gradients), so its backward pass stops
+    there, about the cost of one forward. It runs in fp32: the library converts activations to
+    NumPy, which has no bfloat16.
+    """
+    # Imported here: pytorch_grad_cam costs about 1.6 s of imports that only heat maps need.
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = getattr(model, "module", model).efficientnet.features[-1]
+    model.requires_grad_(False)
+    layer.requires_grad_(True)
+    cam = GradCAM(model=model, target_layers=[layer])
+    # Not `with cam:`: its __exit__ silently swallows IndexError.
+    try:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(label) for label in labels])
+    finally:
+        cam.activations_and_grads.release()
+
+
+def heatmap_png(image, mask):
+    """A `heatmap_masks` mask laid over the decoded PIL image (its aspect kept, at most
+    HEATMAP_MAX_SIDE a side), as the bytes of a PNG file."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    shown = image.copy()
+    shown.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
+    # The model saw the image squeezed to a square: stretching the mask back undoes that.
+    mask = np.asarray(Image.fromarray(mask).resize(shown.size, Image.Resampling.BILINEAR))
+    overlay = show_cam_on_image(np.asarray(shown, dtype=np.float32) / 255, mask, use_rgb=True)
+    png = io.BytesIO()
+    Image.fromarray(overlay).save(png, format="PNG")
+    return png.getvalue()
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 

@@ -139,7 +139,8 @@ def test_explain_adds_a_heatmap_png_with_the_upload_aspect(client):
     explained = post(client, HAM_JPEG.read_bytes(), route="/api/predict?explain=1").get_json()
     assert "heatmap" not in plain
     width, height = decoded_data_url(explained["heatmap"]).size
-    assert max(width, height) <= app.HEATMAP_MAX_SIDE and width / height == pytest.approx(600 / 450, rel=0.02)
+    assert max(width, height) <= common.HEATMAP_MAX_SIDE
+    assert width / height == pytest.approx(600 / 450, rel=0.02)
     assert "heatmap" in explained["timing_ms"]
     # Grad-CAM's hooks are gone afterwards: the next plain answer is unchanged.
     assert post(client, HAM_JPEG.read_bytes()).get_json()["probability"] == plain["probability"]
