@@ -294,7 +294,7 @@ class ScoringDataset(SkinLesionDataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        image = load_image(path)
+        image = load_image(path, min_size=self.image_size)  # decoded as the app decodes an upload
         facts = image_facts(image, self.image_size)
         return self.transform(image), torch.tensor([facts[name] for name in IMAGE_FACTS]), label
 
