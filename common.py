@@ -413,7 +413,15 @@ def fold_batch_norms(model):
 
 
 def load_scoring_model(path, device="cpu"):
-    """`load_checkpoint` with batch norms folded: the network analysis and the app both score."""
+    """`load_checkpoint` with batch norms folded: the network analysis and the app both score.
+
+    On CUDA it also turns TF32 off for the rest of the process: cuDNN's default TF32
+    convolutions moved predict.py's probabilities by up to 0.0066 from the CPU's on the bundled
+    sample (an H200, a random-weight network with real batch-norm statistics), and the stored
+    threshold must mean the same on every device."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     model, meta = load_checkpoint(path, device)
     return fold_batch_norms(model), meta
 
