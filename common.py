@@ -677,7 +677,7 @@ class ScoringRules:
         probabilities = self.probabilities(logits)
         ood_scores = self.ood_scores(stage_means)
         answers = []
-        for image_facts_, probability, ood_score in zip(facts, probabilities, ood_scores, strict=True):
+        for one_image, probability, ood_score in zip(facts, probabilities, ood_scores, strict=True):
             answers.append(
                 {
                     "label": CLASS_NAMES[self.label(probability)],
@@ -685,7 +685,7 @@ class ScoringRules:
                     "threshold": self.threshold,
                     "calibrated": self.calibration is not None,
                     **self.reliability(ood_score),
-                    "warnings": self.warnings(image_facts_),
+                    "warnings": self.warnings(one_image),
                 }
             )
         return answers

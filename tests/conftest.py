@@ -24,6 +24,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 HAM_SAMPLE = SHARED_DATA / "ham10000_sample"
 LARGE_PHOTOS = SHARED_DATA / "large_photos"
 TINY_IMAGE_SIZE = 64
+# One real image of each size the app meets: bundled, HAM10000's own, a camera-sized photo.
+SMALL_JPEG = SAMPLE / "images" / "ISIC_0024306.jpg"  # 300x225
+HAM_JPEG = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[0]  # 600x450
+LARGE_JPEG = LARGE_PHOTOS / "images" / "ISIC_0013828.jpg"  # 3008x2000, 2.8 MB, decoded at reduced scale
 
 # Tests share two cores with each other's subprocesses: one torch thread each avoids thrashing.
 torch.set_num_threads(1)

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    HAM_JPEG,
     HAM_SAMPLE,
+    LARGE_JPEG,
     LARGE_PHOTOS,
     SAMPLE,
+    SMALL_JPEG,
     TINY_IMAGE_SIZE,
     assert_one_line_error,
     make_random_checkpoint,
@@ -27,9 +30,6 @@ import app
 import app_harness
 import common
 
-SMALL_JPEG = SAMPLE / "images" / "ISIC_0024306.jpg"  # 300x225, bundled
-HAM_JPEG = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[0]  # 600x450
-LARGE_JPEG = LARGE_PHOTOS / "images" / "ISIC_0013828.jpg"  # 3008x2000, 2.8 MB
 MODEL_FIELDS = {"arch", "image_size", "weights", "trained_at", "calibrated", "melanoma_share"}
 MODEL_FIELDS |= {"can_flag_images"}
 ANSWER_FIELDS = {"label", "probability", "threshold", "model", "warnings", "timing_ms", "calibrated"}

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import (
-    HAM_SAMPLE,
-    LARGE_PHOTOS,
+    HAM_JPEG,
+    LARGE_JPEG,
     ROOT,
-    SAMPLE,
+    SMALL_JPEG,
     assert_one_line_error,
     make_varied_checkpoint,
     run_script,
@@ -27,9 +27,6 @@ import app
 import common
 import predict
 
-SMALL_JPEG = SAMPLE / "images" / "ISIC_0024306.jpg"  # 300x225, bundled
-HAM_JPEG = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[0]  # 600x450
-LARGE_JPEG = LARGE_PHOTOS / "images" / "ISIC_0013828.jpg"  # 3008x2000, decoded at a reduced scale
 TRUNCATED_JPEG = SMALL_JPEG.read_bytes()[:5000]
 
 
