@@ -8,6 +8,7 @@ Every error is JSON `{"error": "..."}` with its HTTP status. Research tool, not 
 """
 
 import base64
+import functools
 import io
 import json
 import queue
@@ -16,6 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import waitress
+import waitress.channel
+import waitress.parser
+import waitress.receiver
+import waitress.server
+import waitress.utilities
 from flask import Flask, Request, abort, current_app, jsonify, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
@@ -259,25 +265,129 @@ def create_app(
     return app
 
 
+class DiscardedBody:
+    """A request-body buffer that keeps nothing: where a refused upload's bytes go."""
+
+    def append(self, data):
+        pass
+
+    def close(self):
+        pass
+
+
+class UploadLimitParser(waitress.parser.HTTPRequestParser):
+    """Waitress's request parser, refusing a body over the upload limit instead of buffering it.
+
+    A request whose Content-Length is over the limit, or whose chunked body grows past it, is
+    handed to the app at once without its body and with a CONTENT_LENGTH over the limit, so
+    Flask answers with its JSON 413 (app.py's handler) before reading anything. The rest of the
+    body goes into a DiscardedBody: the bytes that came with the headers here, the rest through
+    UploadLimitChannel.
+    """
+
+    def __init__(self, adj, channel):
+        super().__init__(adj)
+        self.channel = channel
+        self.refused_body = None  # the receiver that reads the refused body's rest into nothing
+
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        if self.content_length > self.channel.body_limit:
+            self.refused_body = waitress.receiver.FixedStreamReceiver(self.content_length, DiscardedBody())
+            self.body_rcv = None  # complete now, bodiless
+            self.content_length = 0  # else waitress answers its own plain-text 413 over max_body
+            self.expect_continue = False  # the answer is final: no "100 Continue"
+
+    def received(self, data):
+        consumed = super().received(data)
+        body = self.body_rcv
+        if self.chunked and body is not None and self.refused_body is None:
+            over_limit = len(body) > self.channel.body_limit
+            # Waitress's own limit, on the bytes with their chunk framing, becomes a JSON 413 too.
+            if over_limit or isinstance(self.error, waitress.utilities.RequestEntityTooLarge):
+                self.refuse_chunked_body(body)
+        if self.refused_body is not None:
+            consumed += self.refused_body.received(data[consumed:])
+            if not self.refused_body.completed:
+                self.channel.refused_body = self.refused_body
+        return consumed
+
+    def refuse_chunked_body(self, body):
+        self.error = None
+        self.completed = True
+        self.headers["CONTENT_LENGTH"] = str(self.body_bytes_received)  # over the limit: Flask's 413
+        body.getbuf().close()
+        body.buf = DiscardedBody()  # the receiver goes on parsing the chunks, keeping none
+        self.refused_body = body
+        self.body_rcv = None
+
+
+class UploadLimitChannel(waitress.channel.HTTPChannel):
+    """Waitress's connection, reading the rest of a refused body before anything else.
+
+    The app's 413 goes out as soon as the headers are read; the connection then reads the rest
+    of the body in receive-sized chunks and discards it, and closes (when it must) only after
+    that. Closing earlier would reset the connection while the client still sends, and a
+    client that sends its whole body before reading (Python's urllib) would never see the 413.
+    A client that stops sending is closed after waitress's channel_timeout, as any idle one.
+    """
+
+    refused_body = None  # the receiver of a refused body still arriving
+    close_after_refused_body = False
+
+    def __init__(self, server, sock, addr, adj, map=None, *, body_limit):
+        self.body_limit = body_limit
+        super().__init__(server, sock, addr, adj, map)
+
+    def parser_class(self, adj):
+        return UploadLimitParser(adj, self)
+
+    def received(self, data):
+        if self.refused_body is not None:
+            data = data[self.refused_body.received(data) :]
+            if self.refused_body.completed:
+                self.refused_body = None
+                if self.close_after_refused_body:
+                    self.close_when_flushed = True
+        return super().received(data)
+
+    def readable(self):
+        return super().readable() or (self.refused_body is not None and not self.will_close)
+
+    def handle_write(self):
+        # Waitress closes the connection once the answer is flushed: with a refused body still
+        # arriving, that waits until received() has read it.
+        if self.close_when_flushed and self.refused_body is not None:
+            self.close_when_flushed = False
+            self.close_after_refused_body = True
+        super().handle_write()
+
+
 def serve(app, host, port, threads):
     """Production serving with waitress and a bounded thread pool (never Flask's dev server)."""
-    # Request bodies stay in memory (never spooled to disk) up to twice the upload limit, so a
-    # moderately oversized upload still gets the app's JSON 413; waitress refuses anything
-    # larger from its Content-Length alone, before reading it (a plain-text 413).
-    body_limit = 2 * app.config["MAX_CONTENT_LENGTH"]
+    body_limit = app.config["MAX_CONTENT_LENGTH"]
+    # A body over the limit is never read into memory (UploadLimitParser); one within it stays
+    # in memory, never spooled to disk: waitress spools past inbuf_overflow, which is above
+    # anything a request buffer holds. max_request_body_size bounds a chunked body's bytes
+    # with their framing (a body of many tiny chunks), answered with the same JSON 413.
+    socket_map = {}
     try:
         server = waitress.create_server(
             app,
+            map=socket_map,
             host=host,
             port=port,
             threads=threads,
-            max_request_body_size=body_limit,
-            inbuf_overflow=body_limit,
+            max_request_body_size=2 * body_limit,
+            inbuf_overflow=2 * body_limit + MB,
         )
     except OSError as error:
         raise common.UserError(
             f"cannot listen on {host}:{port} ({error.strerror}); try another --port"
         ) from None
+    for listener in socket_map.values():
+        if isinstance(listener, waitress.server.BaseWSGIServer):
+            listener.channel_class = functools.partial(UploadLimitChannel, body_limit=body_limit)
     print(f"Serving on http://{host}:{server.effective_port} (Ctrl+C to stop)", flush=True)
     try:
         server.run()

@@ -1,8 +1,9 @@
 """app.py seen from outside, shared by the tests and the benchmarks (no test imports a benchmark for it).
 
-`running_server` starts app.py on a free port as a user would; `post_file`, `get_json` and
-`post_concurrently` talk to it over HTTP; `precision_gap` measures how far the network the app
-serves moves probabilities from the plain fp32 network's.
+`running_server` starts app.py on a free port as a user would; `post_file`, `post_large_file`,
+`get_json` and `post_concurrently` talk to it over HTTP; `peak_memory_mb` reads its peak memory;
+`precision_gap` measures how far the network the app serves moves probabilities from the plain
+fp32 network's.
 """
 
 import http.client
@@ -44,21 +45,53 @@ def running_server(checkpoint, *app_args):
 def post_file(base_url, data, filename="upload.jpg", explain=False, path="/api/predict", timeout=120):
     """POST `data` as the multipart field `file`: (HTTP status, decoded JSON, seconds taken)."""
     boundary, body = encode_multipart({"file": FileStorage(io.BytesIO(data), filename)})
+    start = time.perf_counter()
+    status, _, payload = post(
+        base_url,
+        path + ("?explain=1" if explain else ""),
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        timeout,
+    )
+    return status, json.loads(payload), time.perf_counter() - start
+
+
+def post_large_file(base_url, size, chunked=False, path="/api/predict", timeout=120):
+    """POST a file of `size` zero bytes as the multipart field `file`, streamed a megabyte at a
+    time so that it is never held whole: with its Content-Length, or `chunked` without one. The
+    whole body is sent before the answer is read, as urllib does. (HTTP status, Content-Type,
+    decoded JSON)."""
+    boundary = "large-file-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="large.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    megabyte = bytes(2**20)
+
+    def body():
+        yield head
+        for start in range(0, size, len(megabyte)):
+            yield megabyte[: size - start]
+        yield tail
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if not chunked:
+        headers["Content-Length"] = str(len(head) + size + len(tail))
+    status, content_type, payload = post(base_url, path, body(), headers, timeout, encode_chunked=chunked)
+    return status, content_type, json.loads(payload)
+
+
+def post(base_url, path, body, headers, timeout, encode_chunked=False):
+    """One POST on a new connection: (HTTP status, Content-Type, body bytes)."""
     url = urllib.parse.urlsplit(base_url)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-    start = time.perf_counter()
     try:
-        connection.request(
-            "POST",
-            path + ("?explain=1" if explain else ""),
-            body,
-            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
+        connection.request("POST", path, body, headers, encode_chunked=encode_chunked)
         response = connection.getresponse()
-        payload = response.read()
+        return response.status, response.getheader("Content-Type"), response.read()
     finally:
         connection.close()
-    return response.status, json.loads(payload), time.perf_counter() - start
 
 
 def get_json(base_url, path):
@@ -69,6 +102,14 @@ def get_json(base_url, path):
         return json.loads(connection.getresponse().read())
     finally:
         connection.close()
+
+
+def peak_memory_mb(process):
+    """The process's peak resident set size (Linux's VmHWM), in MB."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM line in /proc/PID/status")
 
 
 def post_concurrently(base_url, uploads, requests, clients):

@@ -57,14 +57,6 @@ def percentile_ms(latencies, percent):
     return 1000 * float(np.percentile(latencies, percent))
 
 
-def peak_memory_mb(process):
-    """The process's peak resident set size (Linux), in MB."""
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM line in /proc/PID/status")
-
-
 def cpu_name():
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -109,7 +101,7 @@ def run_benchmark(args, checkpoint):
             f"p50 {statistics.median(s for _, _, s in answers) * 1000:.0f} ms, "
             f"errors {errors}/{args.load_requests}"
         )
-        print(f"server peak memory (VmHWM): {peak_memory_mb(process):.0f} MB")
+        print(f"server peak memory (VmHWM): {app_harness.peak_memory_mb(process):.0f} MB")
 
 
 def answer_overhead(checkpoint, photos, repeats=30):

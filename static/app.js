@@ -115,7 +115,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const file = input.files[0];
     if (!file) return showError("Choose an image first.");
     if (file.size > maxBytes) {
-      return showError(`The file is too large: the limit is ${Math.round(maxBytes / 1048576)} MB.`);
+      return showError(`The file is too large: the limit is ${form.dataset.maxMb} MB.`);
     }
     const body = new FormData();
     body.append("file", file);

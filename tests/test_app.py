@@ -1,9 +1,14 @@
 """app.py: every route, the JSON answers, bad uploads (OWASP rules), precision, load, the CLI."""
 
 import base64
+import http.client
 import io
+import json
 import socket
 import struct
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from types import SimpleNamespace
 
@@ -303,15 +308,25 @@ def test_served_network_stays_within_001_of_the_plain_fp32_network_on_real_image
 SERVER_PHOTOS = sorted((SAMPLE / "images").glob("*.jpg"))[:5]
 
 
+SERVER_LIMIT_MB = 2
+TOO_LARGE = {"error": "the upload is larger than the 2 MB limit"}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served(tmp_path_factory):
+    """(URL, process) of app.py with a 2 MB upload limit."""
     # Probabilities that differ between the photos, so that a batch answering the wrong request
     # would show.
     checkpoint = make_varied_checkpoint(tmp_path_factory.mktemp("varied") / "model.pth", SERVER_PHOTOS)
     with app_harness.running_server(
-        checkpoint, "--threads", "4", "--torch-threads", "1", "--max-upload-mb", "2"
-    ) as (url, _):
-        yield url
+        checkpoint, "--threads", "4", "--torch-threads", "1", "--max-upload-mb", str(SERVER_LIMIT_MB)
+    ) as (url, process):
+        yield url, process
+
+
+@pytest.fixture
+def server(served):
+    return served[0]
 
 
 @pytest.mark.timeout(300)
@@ -328,7 +343,50 @@ def test_100_requests_from_4_threads_all_succeed_with_their_own_answers(server):
 
 def test_the_server_answers_an_oversized_upload_with_json_413(server):
     status, answer, _ = app_harness.post_file(server, LARGE_JPEG.read_bytes())  # 2.8 MB > 2 MB
-    assert (status, answer) == (413, {"error": "the upload is larger than the 2 MB limit"})
+    assert (status, answer) == (413, TOO_LARGE)
+    assert app_harness.get_json(server, "/healthz")["status"] == "ok"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("times", [3, 20, 100])
+def test_an_upload_of_any_size_over_the_limit_is_a_json_413_without_holding_it(served, times, chunked):
+    # The whole body is sent before the answer is read; the server reads it and discards it.
+    url, process = served
+    peak_before = app_harness.peak_memory_mb(process)
+    answer = app_harness.post_large_file(url, times * SERVER_LIMIT_MB * app.MB, chunked=chunked)
+    assert answer == (413, "application/json", TOO_LARGE)
+    # A chunked body is buffered up to the limit before it is known to be too large; the 6 to
+    # 200 MB bodies themselves are never held.
+    assert app_harness.peak_memory_mb(process) - peak_before < 3 * SERVER_LIMIT_MB
+    assert app_harness.post_file(url, SERVER_PHOTOS[0].read_bytes())[0] == 200
+
+
+def test_urllib_sending_a_large_body_whole_before_reading_gets_the_json_413(server):
+    body = bytes(20 * SERVER_LIMIT_MB * app.MB)
+    upload = urllib.request.Request(
+        server + "/api/predict", data=body, headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(upload, timeout=60)
+    assert refused.value.code == 413
+    assert refused.value.headers["Content-Type"] == "application/json"
+    assert json.loads(refused.value.read()) == TOO_LARGE
+    assert app_harness.get_json(server, "/healthz")["status"] == "ok"
+
+
+def test_the_413_comes_before_the_body_is_sent(server):
+    # A client that reads while it sends (a browser) gets the answer at once, not after 200 MB.
+    url = urllib.parse.urlsplit(server)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as connection:
+        connection.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: %d\r\n\r\n" % (100 * SERVER_LIMIT_MB * app.MB)
+        )
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        assert (response.status, response.getheader("Content-Type")) == (413, "application/json")
+        assert json.loads(response.read()) == TOO_LARGE
     assert app_harness.get_json(server, "/healthz")["status"] == "ok"
 
 

@@ -15,7 +15,9 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def server(random_checkpoint):
-    with app_harness.running_server(random_checkpoint, "--threads", "2", "--torch-threads", "1") as (url, _):
+    with app_harness.running_server(
+        random_checkpoint, "--threads", "2", "--torch-threads", "1", "--max-upload-mb", "1.5"
+    ) as (url, _):
         yield url
 
 
@@ -69,6 +71,19 @@ def test_upload_shows_label_probability_and_heatmap_then_a_readable_error(server
     expect(page.locator("#result")).to_be_hidden()
     # Chromium logs the 415 answer itself as a failed resource load; nothing else may appear.
     assert [error for error in script_errors if "status of 415" not in error] == []
+
+
+@pytest.mark.browser
+def test_a_file_over_the_limit_is_refused_before_it_is_sent(server, page):
+    posts = []
+    page.on("request", lambda request: request.method == "POST" and posts.append(request.url))
+    page.goto(server)
+    expect(page.get_by_text("up to 1.5 MB")).to_be_visible()
+    large = {"name": "large.jpg", "mimeType": "image/jpeg", "buffer": bytes(2 * 1024 * 1024)}
+    page.get_by_label("Choose a dermoscopic image").set_input_files(large)
+    page.get_by_role("button", name="Check this image").click()
+    expect(page.get_by_role("alert")).to_have_text("The file is too large: the limit is 1.5 MB.")
+    assert posts == []
 
 
 @pytest.mark.browser
