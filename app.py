@@ -53,8 +53,8 @@ class Predictor:
 
     One thread matters for speed too: torch's OpenMP keeps a pool of worker threads for each
     thread that runs a parallel operation. Once a second thread has run one, the pools outnumber
-    the cores, OpenMP stops spin-waiting between operations, and a 384-px forward pass on 2
-    cores took 136 ms instead of 101 ms in fp32 (115 instead of 58 ms in bf16).
+    the cores, OpenMP stops spin-waiting between operations, and the forward pass slows down
+    by a third or more (figures in docs/measurements.md).
     """
 
     def __init__(self, checkpoint_path, device, torch_threads=None):

@@ -402,8 +402,8 @@ def amp_name(amp_dtype):
 def fold_batch_norms(model):
     """Fold each eval-mode BatchNorm2d into the Conv2d just before it, in place (inference only).
 
-    The same function with fewer operations: on 2 cores the 384-px forward pass went from about
-    102 to 83 ms, and probabilities move by float rounding only. Returns the model."""
+    The same function with fewer operations: a faster forward pass on the CPU (figures in
+    docs/measurements.md), and probabilities move by float rounding only. Returns the model."""
     for module in list(model.modules()):
         for (conv_name, conv), (norm_name, norm) in itertools.pairwise(list(module.named_children())):
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
