@@ -984,6 +984,17 @@ def describe_weights(weights):
     return f"{weights} (ImageNet-pretrained backbone, new 2-class head)"
 
 
+def threshold_rule_of_training(args, parser, meta):
+    """--fit-scoring-only keeps the threshold rule the checkpoint was trained with (a fixed 0.5
+    of --preset original stays 0.5), unless this command line gives one."""
+    trained = {
+        name: value
+        for name, value in meta.get("settings", {}).items()
+        if name in ("threshold", "target_sensitivity") and name not in explicit_settings(args, parser)
+    }
+    return argparse.Namespace(**{**vars(args), **trained})
+
+
 @common.exits_on_user_error
 def main(argv=None):
     parser = get_args_parser()
@@ -996,6 +1007,8 @@ def main(argv=None):
     if args.fit_scoring_only:
         device = common.choose_device(args.device)
         best_path = Path(args.out) / BEST_CHECKPOINT
+        _, meta = common.load_checkpoint(best_path)
+        args = threshold_rule_of_training(args, parser, meta)
         fit_scoring_rules(best_path, args, device)
         evaluate_best_on_test(args, device, best_path)
         return

@@ -4,7 +4,14 @@ checkpoints that have none of them."""
 import numpy as np
 import pytest
 import torch
-from conftest import HAM_SAMPLE, SAMPLE, make_random_checkpoint, text_page
+from conftest import (
+    HAM_SAMPLE,
+    SAMPLE,
+    make_random_checkpoint,
+    make_trusted_checkpoint,
+    run_script,
+    text_page,
+)
 from PIL import Image, ImageFilter
 
 import common
@@ -143,3 +150,23 @@ def test_the_ood_threshold_flags_the_chosen_share_of_validation(flag_rate):
     flagged = rules.ood_scores(val) > ood["threshold"]
     assert abs(flagged.mean() - flag_rate) <= 0.01
     assert [stage["stage"] for stage in ood["stages"]] == [1, 2, 3]
+
+
+def test_fit_scoring_only_adds_the_rules_and_keeps_the_trained_threshold_rule(tmp_path):
+    trusted = make_trusted_checkpoint(tmp_path)  # also lays out tmp_path/prepared
+    network, meta = common.load_checkpoint(trusted)
+    for key in ("calibration", "ood", "quality", "threshold_uncalibrated", "not_calibrated"):
+        meta.pop(key)
+    meta.update(
+        threshold=0.5, settings={"threshold": 0.5, "target_sensitivity": 0.9}
+    )  # like --preset original
+    common.save_checkpoint(tmp_path / "best_model.pth", network, meta)
+
+    result = run_script(
+        "model.py", "--fit-scoring-only", "--data", tmp_path / "prepared", "--out", tmp_path, "--workers", 0
+    )
+    assert result.returncode == 0, result.stderr
+    refitted = torch.load(tmp_path / "best_model.pth", weights_only=True)
+    assert refitted["threshold_uncalibrated"] == 0.5 and "fixed at 0.5" in refitted["threshold_rule"]
+    assert refitted["calibration"]["slope"] > 0 and refitted["ood"]["stages"] and refitted["quality"]
+    assert "/test has no images" in result.stdout
