@@ -1,6 +1,11 @@
 """The trust layer: calibration, the 'cannot judge this image' flag, quality warnings, and
 checkpoints that have none of them."""
 
+import contextlib
+import csv
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +19,7 @@ from conftest import (
 )
 from PIL import Image, ImageFilter
 
+import analysis
 import common
 import model
 
@@ -170,3 +176,27 @@ def test_fit_scoring_only_adds_the_rules_and_keeps_the_trained_threshold_rule(tm
     assert refitted["threshold_uncalibrated"] == 0.5 and "fixed at 0.5" in refitted["threshold_rule"]
     assert refitted["calibration"]["slope"] > 0 and refitted["ood"]["stages"] and refitted["quality"]
     assert "/test has no images" in result.stdout
+
+
+def test_analysis_reports_calibration_flags_and_the_unflagged_metrics(trusted_checkpoint, tmp_path):
+    val = trusted_checkpoint.parent / "prepared" / "val"
+    with contextlib.redirect_stdout(io.StringIO()):
+        analysis.main(["--model", str(trusted_checkpoint), "--data", str(val), "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    calibration, flagging = result["calibration"], result["flagging"]
+    assert calibration["calibrated"] is True
+    assert (
+        calibration["after"]["expected_calibration_error"]
+        < calibration["before"]["expected_calibration_error"]
+    )
+    assert flagging["available"] is True and flagging["n_flagged"] == len(flagging["flagged_files"])
+    with open(tmp_path / "predictions.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["file"] for row in rows if row["flagged"] == "yes"] == flagging["flagged_files"]
+    assert all(row["ood_score"] and row["probability_uncalibrated"] for row in rows)
+    summary = (tmp_path / "summary_report.txt").read_text()
+    assert "Calibration: Platt scaling" in summary
+    assert f"Flagged as not judgeable: {flagging['n_flagged']} of {len(rows)} images" in summary
+    if result["unflagged"] is not None:
+        assert result["unflagged"]["n_images"] == len(rows) - flagging["n_flagged"]
+        assert f"Metrics on the {result['unflagged']['n_images']} unflagged images:" in summary
