@@ -159,6 +159,8 @@ def load_image(source, min_size=None):
         raise ImageError(f"{name}: image has more than {MAX_IMAGE_PIXELS:,} pixels") from None
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
+    except Image.UnidentifiedImageError:  # its own text names the file object's memory address
+        raise ImageError(f"{name}: not a readable image (no image format recognised)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{name}: not a readable image ({error})") from None
 
