@@ -10,6 +10,7 @@ import datetime
 import functools
 import io
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms
 from tqdm import tqdm
+
+from scoring import ONNX_INPUT, ONNX_METADATA_KEY, file_sha256
 
 # --- labels and the prepared-tree file convention ------------------------------------------
 
@@ -426,6 +429,17 @@ def load_scoring_model(path, device="cpu"):
     return fold_batch_norms(model), meta
 
 
+def forward_with_stages(network, x):
+    """(logits, each stage's output averaged over the image, the last stage's output) of a
+    torchvision EfficientNet: the one forward pass that both torch scoring and the ONNX export run."""
+    stage_means = []
+    for stage in network.features:
+        x = stage(x)
+        stage_means.append(x.mean(dim=(2, 3)))
+    logits = network.classifier(torch.flatten(network.avgpool(x), 1))
+    return logits, stage_means, x
+
+
 @torch.inference_mode()
 def network_outputs(model, images, device):
     """(logits, stage means) of a normalised batch (N, 3, H, W), as float64 arrays.
@@ -439,12 +453,12 @@ def network_outputs(model, images, device):
     """
     network = getattr(model, "module", model).efficientnet
     x = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    stage_means = []
-    for stage in network.features:
-        x = stage(x)
-        stage_means.append(x.mean(dim=(2, 3)).double().cpu().numpy())
-    logits = network.classifier(torch.flatten(network.avgpool(x), 1))
-    return logits.double().cpu().numpy(), stage_means
+    logits, stage_means, _ = forward_with_stages(network, x)
+    return as_float64(logits), [as_float64(means) for means in stage_means]
+
+
+def as_float64(tensor):
+    return tensor.double().cpu().numpy()
 
 
 def dihedral_views(images):
@@ -618,9 +632,10 @@ def size_warnings(facts, image_size):
 
 
 def as_arrays(values):
-    """A dict's tensors as float64 NumPy arrays (the checkpoint stores tensors)."""
+    """A dict's tensors and nested lists as float64 NumPy arrays (a checkpoint stores tensors,
+    the engine's ONNX file nested lists); its numbers stay as they are."""
     return {
-        key: np.asarray(value, dtype=np.float64) if isinstance(value, torch.Tensor) else value
+        key: value if np.isscalar(value) else np.asarray(value, dtype=np.float64)
         for key, value in values.items()
     }
 
@@ -874,6 +889,75 @@ def original_state_dict_to_ours(state):
                 name = f"efficientnet.classifier.1.{part}"
         renamed[name] = tensor
     return renamed
+
+
+# --- the serving engine's network: best_model.onnx ---------------------------------------------
+
+
+class ScoringGraph(nn.Module):
+    """The folded scoring network as the ONNX graph computes it: logits, every stage's mean over
+    the image (what the out-of-distribution score reads), and the last stage's output (what the
+    heat map is drawn from), all from one forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.network = getattr(model, "module", model).efficientnet
+
+    def forward(self, images):
+        logits, stage_means, last_feature_map = forward_with_stages(self.network, images)
+        return logits, *stage_means, last_feature_map
+
+    def output_names(self):
+        return [
+            "logits",
+            *(f"stage_mean_{index}" for index in range(len(self.network.features))),
+            "last_feature_map",
+        ]
+
+
+def onnx_path_beside(checkpoint_path):
+    """Where the engine's network of a checkpoint lives: best_model.pth -> best_model.onnx."""
+    return Path(checkpoint_path).with_suffix(".onnx")
+
+
+def export_onnx(checkpoint_path, onnx_path):
+    """Write the checkpoint's scoring network (`load_scoring_model`) as an ONNX graph, atomically:
+    input `images` (N, 3, S, S) normalised, the batch dimension dynamic; outputs
+    `ScoringGraph.output_names()`. The checkpoint's metadata, the classifier's weights (the heat
+    map's channel weights) and the checkpoint file's SHA-256 go into the file's metadata_props."""
+    model, meta = load_scoring_model(checkpoint_path)
+    graph = ScoringGraph(model).eval()
+    size = meta["image_size"]
+    # The dynamo exporter (torch's default and recommended one); a batch of 2 as the example,
+    # since torch.export specialises a dimension of size 1.
+    program = torch.onnx.export(
+        graph,
+        (torch.zeros(2, 3, size, size),),
+        input_names=[ONNX_INPUT],
+        output_names=graph.output_names(),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    classifier = graph.network.classifier[-1]
+    onnx_meta = {
+        **meta,
+        "classifier_weight": classifier.weight.detach().tolist(),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+    }
+    proto = program.model_proto
+    proto.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(onnx_meta, default=plain_value))
+    with atomic_output(onnx_path) as file:
+        file.write(proto.SerializeToString())
+    return Path(onnx_path)
+
+
+def plain_value(value):
+    """A tensor or an array as nested lists, for json.dumps (the checkpoint stores tensors)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # --- command lines ---------------------------------------------------------------------------

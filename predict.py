@@ -56,7 +56,7 @@ def get_args_parser():
     add = parser.add_argument
     add(
         "paths",
-        nargs="+",
+        nargs="*",
         metavar="IMAGE_OR_FOLDER",
         help="image files, and folders whose images (searched in subfolders too) are scored",
     )
@@ -65,6 +65,12 @@ def get_args_parser():
         metavar="PATH",
         default="best_model.pth",
         help="checkpoint written by model.py (default: %(default)s)",
+    )
+    add(
+        "--export",
+        action="store_true",
+        help="only export --model (a checkpoint, or the original project's state_dict) as the "
+        "serving engine's network, the .onnx file beside it, and exit (no IMAGE_OR_FOLDER)",
     )
     add(
         "--out",
@@ -334,9 +340,27 @@ def report(rows, seconds, device, out):
     return failed
 
 
+def export(checkpoint_path):
+    """Write the checkpoint's .onnx file beside it (common.export_onnx)."""
+    onnx_path = common.onnx_path_beside(checkpoint_path)
+    try:
+        common.export_onnx(checkpoint_path, onnx_path)
+    except OSError as error:
+        raise common.UserError(f"{onnx_path}: cannot write the export ({error.strerror or error})") from None
+    print(f"Exported {checkpoint_path} to {onnx_path}", file=sys.stderr)
+
+
 @common.exits_on_user_error
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.export and args.paths:
+        parser.error("--export takes no IMAGE_OR_FOLDER")
+    if args.export:
+        export(args.model)
+        return
+    if not args.paths:
+        parser.error("give at least one IMAGE_OR_FOLDER (or --export)")
     out = args.out or f"predictions.{args.format}"
     # Every input is checked before the slow scoring starts; the predictions are written whole
     # when it ends.
