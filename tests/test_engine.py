@@ -1,0 +1,68 @@
+"""The serving engine (engine.py, scoring.py): torch's input, answers and heat maps, without torch."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, SMALL_JPEG
+
+import common
+import engine
+import scoring
+
+PHOTOS = [SMALL_JPEG, HAM_JPEG, LARGE_JPEG, *sorted((HAM_SAMPLE / "images").glob("*.jpg"))[1:6]]
+
+
+@pytest.fixture(scope="module")
+def served(trusted_checkpoint):
+    """(the engine on the trusted checkpoint's .onnx, the folded torch network, its metadata)."""
+    network, meta = common.load_scoring_model(trusted_checkpoint)
+    return engine.OnnxEngine(common.onnx_path_beside(trusted_checkpoint)), network, meta
+
+
+def decoded(photos, image_size):
+    return [common.load_image(photo, min_size=image_size) for photo in photos]
+
+
+@pytest.mark.parametrize("image_size", [64, 384])
+def test_model_input_is_torchvisions_transform(image_size):
+    meta = common.checkpoint_metadata(image_size=image_size)
+    transform = common.checkpoint_transform(meta)
+    for image in [*decoded(PHOTOS[:3], image_size), common.load_image(SMALL_JPEG).rotate(90, expand=True)]:
+        np.testing.assert_allclose(
+            scoring.model_input(image, meta), transform(image).numpy(), rtol=0, atol=1e-6
+        )
+
+
+def test_engine_answers_as_torch_does(served):
+    onnx_engine, network, meta = served
+    images = decoded(PHOTOS, meta["image_size"])
+    facts = [common.image_facts(image, meta["image_size"]) for image in images]
+    logits, stage_means, _ = onnx_engine.outputs(onnx_engine.batch(images))
+    ours = common.ScoringRules(onnx_engine.meta).answers(logits, stage_means, facts)
+    batch = torch.stack([common.checkpoint_transform(meta)(image) for image in images])
+    torch_logits, torch_stage_means = common.network_outputs(network, batch, torch.device("cpu"))
+    theirs = common.ScoringRules(meta).answers(torch_logits, torch_stage_means, facts)
+    for one, other in zip(ours, theirs, strict=True):
+        assert one["probability"] == pytest.approx(other["probability"], abs=1e-4)
+        assert one["ood_score"] == pytest.approx(other["ood_score"], rel=1e-3)
+        for field in ("label", "threshold", "calibrated", "reliable", "reasons", "warnings"):
+            assert one[field] == other[field], field
+
+
+def test_heat_map_is_grad_cam(served):
+    """The class activation map from the engine's forward pass is pytorch_grad_cam's Grad-CAM."""
+    onnx_engine, network, meta = served
+    images = decoded(PHOTOS[:4], meta["image_size"])
+    batch = onnx_engine.batch(images)
+    _, _, feature_maps = onnx_engine.outputs(batch)
+    for label in (common.MELANOMA, common.NON_MELANOMA):
+        labels = [label] * len(images)
+        ours = onnx_engine.heatmaps(feature_maps, labels)
+        theirs = common.heatmap_masks(network, torch.from_numpy(batch), labels)
+        assert ours.shape == theirs.shape
+        for one, other in zip(ours, theirs, strict=True):
+            assert one.min() >= 0 and one.max() <= 1
+            if other.max() == 0:  # no channel speaks for this label anywhere: both maps are empty
+                assert one.max() == 0
+            else:
+                assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
