@@ -29,7 +29,16 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms
 from tqdm import tqdm
 
-from scoring import ONNX_INPUT, ONNX_METADATA_KEY, file_sha256
+from scoring import (
+    ONNX_INPUT,
+    ONNX_METADATA_KEY,
+    CheckpointError,
+    ImageError,
+    UserError,
+    class_activation_maps,
+    file_sha256,
+    model_input,
+)
 
 # --- labels and the prepared-tree file convention ------------------------------------------
 
@@ -48,14 +57,6 @@ DEFAULT_IMAGE_SIZE = 384
 MAX_IMAGE_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class UserError(Exception):
-    """Bad input from the person running a command: shown as one line, exit code 2."""
-
-
-class ImageError(UserError):
-    """An image that cannot be decoded safely."""
 
 
 def label_from_filename(name):
@@ -451,10 +452,45 @@ def network_outputs(model, images, device):
     validation images (over the 0.01 rule), and every consumer must score alike for the stored
     threshold to mean the same thing everywhere.
     """
+    logits, stage_means, _ = scoring_outputs(model, images, device)
+    return logits, stage_means
+
+
+@torch.inference_mode()
+def scoring_outputs(model, images, device):
+    """`network_outputs` plus the last stage's output (N, C, h, w) as float32, for the heat map."""
     network = getattr(model, "module", model).efficientnet
     x = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    logits, stage_means, _ = forward_with_stages(network, x)
-    return as_float64(logits), [as_float64(means) for means in stage_means]
+    logits, stage_means, feature_maps = forward_with_stages(network, x)
+    return (
+        as_float64(logits),
+        [as_float64(means) for means in stage_means],
+        feature_maps.float().cpu().numpy(),
+    )
+
+
+class TorchNetwork:
+    """A checkpoint scored by torch (`load_scoring_model`), answering as engine.OnnxEngine does:
+    for a checkpoint without its exported network, or CUDA without ONNX Runtime's CUDA provider."""
+
+    engine = "torch"
+
+    def __init__(self, checkpoint_path, device="cpu", threads=None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = choose_device(device)
+        self.model, self.meta = load_scoring_model(checkpoint_path, self.device)
+        self.classifier_weight = self.model.efficientnet.classifier[-1].weight.detach().cpu().numpy()
+        self.threads = torch.get_num_threads()
+
+    def batch(self, images):
+        return np.stack([model_input(image, self.meta) for image in images])
+
+    def outputs(self, batch):
+        return scoring_outputs(self.model, torch.from_numpy(batch), self.device)
+
+    def heatmaps(self, feature_maps, labels):
+        return class_activation_maps(feature_maps, self.classifier_weight, labels, self.meta["image_size"])
 
 
 def as_float64(tensor):
@@ -724,36 +760,13 @@ class ScoringRules:
 
 
 # --- heat maps: the regions that drove the answer (the app's `?explain=1`, predict.py --heatmaps) --
+# Each network computes its mask (scoring.class_activation_maps); here it is drawn.
 
 HEATMAP_MAX_SIDE = 384
 
 
-def heatmap_masks(model, images, labels):
-    """Grad-CAM of a normalised batch on the last convolutional stage, each image for its
-    `label`: (N, H, W) floats in [0, 1], at the network's input size.
-
-    Grad-CAM needs gradients only from the head down to its target layer: every other weight
-    is frozen here (and stays so; scoring never needs gradients), so its backward pass stops
-    there, about the cost of one forward. It runs in fp32: the library converts activations to
-    NumPy, which has no bfloat16.
-    """
-    # Imported here: pytorch_grad_cam costs about 1.6 s of imports that only heat maps need.
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    layer = getattr(model, "module", model).efficientnet.features[-1]
-    model.requires_grad_(False)
-    layer.requires_grad_(True)
-    cam = GradCAM(model=model, target_layers=[layer])
-    # Not `with cam:`: its __exit__ silently swallows IndexError.
-    try:
-        return cam(input_tensor=images, targets=[ClassifierOutputTarget(label) for label in labels])
-    finally:
-        cam.activations_and_grads.release()
-
-
 def heatmap_png(image, mask):
-    """A `heatmap_masks` mask laid over the decoded PIL image (its aspect kept, at most
+    """A heat map mask ((H, W) floats in [0, 1]) laid over the decoded PIL image (its aspect kept, at most
     HEATMAP_MAX_SIDE a side), as the bytes of a PNG file."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
@@ -768,10 +781,6 @@ def heatmap_png(image, mask):
 
 
 # --- checkpoints -----------------------------------------------------------------------------
-
-
-class CheckpointError(UserError):
-    pass
 
 
 def checkpoint_metadata(

@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import common
+import engine
+import scoring
 
 FORMATS = ("csv", "json", "jsonl")
 # The fields of the app's answer for one image (common.ScoringRules.answers), in output order.
@@ -64,7 +67,8 @@ def get_args_parser():
         "--model",
         metavar="PATH",
         default="best_model.pth",
-        help="checkpoint written by model.py (default: %(default)s)",
+        help="checkpoint written by model.py, or its .onnx file; a checkpoint with the .onnx exported "
+        "from it beside it is scored by ONNX Runtime (default: %(default)s)",
     )
     add(
         "--export",
@@ -183,7 +187,7 @@ class Decoded(NamedTuple):
     """One file, decoded: its network input and image facts, or why it cannot be scored."""
 
     index: int  # in the list of files
-    tensor: torch.Tensor | None
+    pixels: np.ndarray | None  # the network's input (scoring.model_input)
     facts: dict | None
     image: Image.Image | None  # kept only to draw its heat map on
     error: str | None
@@ -195,8 +199,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, files, meta, keep_images=False):
         self.files = files
+        self.meta = meta
         self.image_size = meta["image_size"]
-        self.transform = common.checkpoint_transform(meta)
         self.keep_images = keep_images
 
     def __len__(self):
@@ -208,7 +212,8 @@ class ImageFiles(torch.utils.data.Dataset):
         except common.ImageError as error:
             return Decoded(index, None, None, None, str(error))
         facts = common.image_facts(image, self.image_size)
-        return Decoded(index, self.transform(image), facts, image if self.keep_images else None, None)
+        pixels = scoring.model_input(image, self.meta)
+        return Decoded(index, pixels, facts, image if self.keep_images else None, None)
 
 
 def read_image_file(path, image_size):
@@ -221,34 +226,33 @@ def read_image_file(path, image_size):
 
 
 def collate(items):
-    """(the decoded images' tensors stacked, or None when none decoded; the items without them):
-    one tensor crosses from a worker process per batch, not one per image."""
-    tensors = [item.tensor for item in items if item.error is None]
-    return (torch.stack(tensors) if tensors else None), [item._replace(tensor=None) for item in items]
+    """(the decoded images' inputs stacked, or None when none decoded; the items without them):
+    one array crosses from a worker process per batch, not one per image."""
+    inputs = [item.pixels for item in items if item.error is None]
+    return (np.stack(inputs) if inputs else None), [item._replace(pixels=None) for item in items]
 
 
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def score_files(files, model, meta, device, batch_size=32, workers=0, heatmaps=None):
+def score_files(files, network, batch_size=32, workers=0, heatmaps=None):
     """The row of each file, in order: the app's answer for it, or the reason it was not scored.
 
     `heatmaps`: one destination per file (heatmap_destinations); each scored image's heat map
     is written there, and its row says where."""
-    rules = common.ScoringRules(meta)
+    rules = common.ScoringRules(network.meta)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(files, meta, keep_images=heatmaps is not None),
+        ImageFiles(files, network.meta, keep_images=heatmaps is not None),
         batch_size=batch_size,
         num_workers=min(workers, math.ceil(len(files) / batch_size)),  # no idle worker processes
         collate_fn=collate,
-        pin_memory=device.type == "cuda",
     )
     rows = []
     with tqdm(
         total=len(files), unit="img", desc="Scoring", disable=not common.show_progress(), leave=False
     ) as progress:
         for images, items in loader:
-            answers = score_batch(model, rules, images, items, device, heatmaps)
+            answers = score_batch(network, rules, images, items, heatmaps)
             for item in items:
                 row = file_row(files[item.index], answers.get(item.index), item.error)
                 if heatmaps is not None:
@@ -258,16 +262,16 @@ def score_files(files, model, meta, device, batch_size=32, workers=0, heatmaps=N
     return rows
 
 
-def score_batch(model, rules, images, items, device, heatmaps=None):
+def score_batch(network, rules, images, items, heatmaps=None):
     """{index in the list of files: the app's answer} for each image of the batch that decoded;
-    with `heatmaps`, their heat maps are written too."""
+    with `heatmaps`, their heat maps (from the same forward pass) are written too."""
     scored = [item for item in items if item.error is None]
     if not scored:
         return {}
-    logits, stage_means = common.network_outputs(model, images, device)
+    logits, stage_means, feature_maps = network.outputs(images)
     answers = rules.answers(logits, stage_means, [item.facts for item in scored])
     if heatmaps is not None:
-        write_heatmaps(model, images, scored, answers, heatmaps, device)
+        write_heatmaps(network, feature_maps, scored, answers, heatmaps)
     return {item.index: answer for item, answer in zip(scored, answers, strict=True)}
 
 
@@ -276,10 +280,10 @@ def file_row(file, answer, error):
     return {"file": file, **{column: (answer or {}).get(column) for column in ANSWER_COLUMNS}, "error": error}
 
 
-def write_heatmaps(model, images, scored, answers, destinations, device):
+def write_heatmaps(network, feature_maps, scored, answers, destinations):
     """The heat map of each scored image for its label, drawn as the app draws it."""
     labels = [common.CLASS_NAMES.index(answer["label"]) for answer in answers]
-    masks = common.heatmap_masks(model, images.to(device, memory_format=torch.channels_last), labels)
+    masks = network.heatmaps(feature_maps, labels)
     for item, mask in zip(scored, masks, strict=True):
         with common.atomic_output(destinations[item.index]) as file:
             file.write(common.heatmap_png(item.image, mask))
@@ -368,17 +372,16 @@ def main(argv=None):
         raise common.UserError(f"{out}: is a folder (pass a file name as --out)")
     files = image_files(args.paths)
     heatmaps = heatmap_destinations(files, args.heatmaps) if args.heatmaps else None
-    device = common.choose_device(args.device)
-    model, meta = common.load_scoring_model(args.model, device)
+    network = engine.load_network(args.model, args.device)
     if heatmaps:
         make_folder(args.heatmaps)
 
     start = time.perf_counter()
-    rows = score_files(files, model, meta, device, args.batch_size, args.workers, heatmaps)
+    rows = score_files(files, network, args.batch_size, args.workers, heatmaps)
     seconds = time.perf_counter() - start
     columns = (*COLUMNS, "heatmap") if heatmaps else COLUMNS
     write_output(rendered(rows, columns, args.format), out)
-    if report(rows, seconds, device, out):
+    if report(rows, seconds, f"{network.engine}, {network.device}", out):
         sys.exit(1)
 
 

@@ -9,6 +9,19 @@ import hashlib
 import numpy as np
 from PIL import Image
 
+
+class UserError(Exception):
+    """Bad input from the person running a command: shown as one line, exit code 2."""
+
+
+class ImageError(UserError):
+    """An image that cannot be decoded safely."""
+
+
+class CheckpointError(UserError):
+    """A model file that cannot be loaded."""
+
+
 ONNX_INPUT = "images"
 ONNX_METADATA_KEY = "skin_lesion_classification"  # metadata_props entry: the checkpoint's metadata as JSON
 

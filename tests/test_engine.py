@@ -1,9 +1,11 @@
 """The serving engine (engine.py, scoring.py): torch's input, answers and heat maps, without torch."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
-from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, SMALL_JPEG
+from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, SMALL_JPEG, make_random_checkpoint
 
 import common
 import engine
@@ -17,6 +19,19 @@ def served(trusted_checkpoint):
     """(the engine on the trusted checkpoint's .onnx, the folded torch network, its metadata)."""
     network, meta = common.load_scoring_model(trusted_checkpoint)
     return engine.OnnxEngine(common.onnx_path_beside(trusted_checkpoint)), network, meta
+
+
+def grad_cam_masks(model, images, labels):
+    """pytorch_grad_cam's Grad-CAM of a normalised batch on the last stage, each image for its label
+    (what the app drew before the engine)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = GradCAM(model=model, target_layers=[model.efficientnet.features[-1]])
+    try:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(label) for label in labels])
+    finally:
+        cam.activations_and_grads.release()
 
 
 def decoded(photos, image_size):
@@ -58,7 +73,7 @@ def test_heat_map_is_grad_cam(served):
     for label in (common.MELANOMA, common.NON_MELANOMA):
         labels = [label] * len(images)
         ours = onnx_engine.heatmaps(feature_maps, labels)
-        theirs = common.heatmap_masks(network, torch.from_numpy(batch), labels)
+        theirs = grad_cam_masks(network, torch.from_numpy(batch), labels)
         assert ours.shape == theirs.shape
         for one, other in zip(ours, theirs, strict=True):
             assert one.min() >= 0 and one.max() <= 1
@@ -66,3 +81,21 @@ def test_heat_map_is_grad_cam(served):
                 assert one.max() == 0
             else:
                 assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
+
+
+def test_a_checkpoint_is_served_by_the_export_of_that_very_file(trusted_checkpoint, tmp_path):
+    onnx_path = common.onnx_path_beside(trusted_checkpoint)
+    assert isinstance(engine.load_network(trusted_checkpoint), engine.OnnxEngine)
+    assert isinstance(engine.load_network(onnx_path), engine.OnnxEngine)
+    # Retrained since the export: the .onnx beside it is stale, and torch scores the checkpoint.
+    retrained = make_random_checkpoint(tmp_path / "best_model.pth")
+    shutil.copy(onnx_path, tmp_path / "best_model.onnx")
+    assert isinstance(engine.load_network(retrained), common.TorchNetwork)
+
+
+def test_a_missing_or_foreign_onnx_file_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(common.CheckpointError, match="not found"):
+        engine.load_network(tmp_path / "best_model.onnx")
+    (tmp_path / "notes.onnx").write_text("not a network")
+    with pytest.raises(common.CheckpointError, match="not a network exported"):
+        engine.load_network(tmp_path / "notes.onnx")
