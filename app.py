@@ -26,8 +26,8 @@ from flask import Flask, Request, abort, current_app, jsonify, render_template, 
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-import common
 import engine
+import scoring
 
 MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -63,7 +63,7 @@ class Predictor:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.network = self.executor.submit(engine.load_network, model_path, device, threads).result()
         self.meta = self.network.meta
-        self.rules = common.ScoringRules(self.meta)
+        self.rules = scoring.ScoringRules(self.meta)
 
     def summary(self):
         return {
@@ -75,7 +75,7 @@ class Predictor:
         }
 
     def answer(self, image, explain=False):
-        """(the answer for a decoded PIL image (common.ScoringRules.answers): calibrated melanoma
+        """(the answer for a decoded PIL image (scoring.ScoringRules.answers): calibrated melanoma
         probability, label, whether the model can judge the image, warnings; with `explain`,
         its heat map for that label from the same forward pass, else None).
 
@@ -84,7 +84,7 @@ class Predictor:
         cores, so under load the server answers more requests per second. The image's facts
         (size, sharpness, ...) are measured here, on the request's thread, meanwhile."""
         answer = Future()
-        self.waiting.put((image, common.image_facts(image, self.meta["image_size"]), explain, answer))
+        self.waiting.put((image, scoring.image_facts(image, self.meta["image_size"]), explain, answer))
         self.executor.submit(self._score_waiting)
         return answer.result()
 
@@ -114,7 +114,7 @@ class Predictor:
 
     def _heatmap(self, feature_map, answer):
         """The heat map of one image for its answer's label: (H, W) floats in [0, 1]."""
-        return self.network.heatmaps(feature_map, [common.CLASS_NAMES.index(answer["label"])])[0]
+        return self.network.heatmaps(feature_map, [scoring.CLASS_NAMES.index(answer["label"])])[0]
 
     def warm_up(self):
         """Pay the first-call costs (kernel selection, allocations) before the first user does."""
@@ -131,19 +131,19 @@ def read_upload():
 
 
 def decode_upload(data, image_size):
-    """The uploaded image, by the rule predict.py applies to files too (common.decode_image_bytes):
+    """The uploaded image, by the rule predict.py applies to files too (scoring.decode_image_bytes):
     415 for a format not decoded on purpose, 400 for any other refusal."""
     try:
-        return common.decode_image_bytes(data, image_size)
-    except common.UnsupportedImageFormat as error:
+        return scoring.decode_image_bytes(data, image_size)
+    except scoring.UnsupportedImageFormat as error:
         abort(415, str(error))
-    except common.ImageError as error:
+    except scoring.ImageError as error:
         abort(400, str(error))
 
 
 def heatmap_data_url(image, mask):
-    """The heat map laid over the upload (common.heatmap_png), as a data: URL."""
-    return "data:image/png;base64," + base64.b64encode(common.heatmap_png(image, mask)).decode("ascii")
+    """The heat map laid over the upload (scoring.heatmap_png), as a data: URL."""
+    return "data:image/png;base64," + base64.b64encode(scoring.heatmap_png(image, mask)).decode("ascii")
 
 
 def milliseconds_since(start):
@@ -193,7 +193,7 @@ def add_security_headers(response):
 
 def create_app(model_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB * MB, threads=None):
     """The Flask app serving `model_path`, a checkpoint or its .onnx file (engine.load_network;
-    raises common.CheckpointError if it cannot load).
+    raises scoring.CheckpointError if it cannot load).
 
     `threads`: threads for one model call (default: the network library's own setting)."""
     predictor = Predictor(model_path, device, threads)
@@ -222,7 +222,7 @@ def create_app(model_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB 
             threshold=predictor.meta["threshold"],
             max_upload_bytes=app.config["MAX_CONTENT_LENGTH"],
             max_upload_mb=upload_limit_mb(),
-            formats=common.ALLOWED_FORMATS_TEXT,
+            formats=scoring.ALLOWED_FORMATS_TEXT,
         )
 
     @app.post("/api/predict")
@@ -367,7 +367,7 @@ def serve(app, host, port, threads):
             inbuf_overflow=2 * body_limit + MB,
         )
     except OSError as error:
-        raise common.UserError(
+        raise scoring.UserError(
             f"cannot listen on {host}:{port} ({error.strerror}); try another --port"
         ) from None
     for listener in socket_map.values():
@@ -381,7 +381,7 @@ def serve(app, host, port, threads):
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = scoring.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add(
         "--model",
@@ -392,20 +392,20 @@ def get_args_parser():
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add(
         "--port",
-        type=common.port_number,
+        type=scoring.port_number,
         default=5000,
         help="port; 0 picks a free one (default: %(default)s)",
     )
     add(
         "--threads",
-        type=common.positive_int,
+        type=scoring.positive_int,
         default=4,
         help="waitress worker threads, i.e. requests in flight (default: 4)",
     )
     add(
         "--model-threads",
         "--torch-threads",
-        type=common.positive_int,
+        type=scoring.positive_int,
         default=None,
         help="threads for one model call, ONNX Runtime's or torch's (default: the usable CPU cores; "
         "calls run one at a time)",
@@ -413,7 +413,7 @@ def get_args_parser():
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add(
         "--max-upload-mb",
-        type=common.positive_float,
+        type=scoring.positive_float,
         default=DEFAULT_MAX_UPLOAD_MB,
         help="largest accepted request, in MB (default: %(default)s)",
     )
@@ -425,12 +425,12 @@ def get_args_parser():
     return parser
 
 
-@common.exits_on_user_error
+@scoring.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     # No model call runs on this thread: the model thread owns them all (see Predictor).
     app = create_app(
-        args.model, args.device, int(args.max_upload_mb * MB), args.model_threads or common.available_cores()
+        args.model, args.device, int(args.max_upload_mb * MB), args.model_threads or scoring.available_cores()
     )
     app.extensions["predictor"].warm_up()
     if args.debug:

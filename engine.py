@@ -77,7 +77,7 @@ def load_network(model_path, device="auto", threads=None):
                 f"{model_path}: network not found (export one with predict.py --export)"
             )
         return OnnxEngine(model_path, device, threads)
-    beside = model_path.with_suffix(".onnx")
+    beside = scoring.onnx_path_beside(model_path)
     if beside.is_file() and model_path.is_file() and not wants_cuda_without_provider(device):
         network = OnnxEngine(beside, device, threads)
         if network.meta.get("checkpoint_sha256") == scoring.file_sha256(model_path):

@@ -8,26 +8,25 @@ row with the reason, and the run goes on. Research tool, not a diagnosis.
 """
 
 import argparse
+import collections
+import concurrent.futures
 import csv
 import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-import common
 import engine
 import scoring
 
 FORMATS = ("csv", "json", "jsonl")
-# The fields of the app's answer for one image (common.ScoringRules.answers), in output order.
+# The fields of the app's answer for one image (scoring.ScoringRules.answers), in output order.
 ANSWER_COLUMNS = (
     "probability",
     "label",
@@ -51,7 +50,7 @@ EXIT_CODES = """exit codes:
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(
+    parser = scoring.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,15 +98,15 @@ def get_args_parser():
     add(
         "--batch-size",
         metavar="N",
-        type=common.positive_int,
+        type=scoring.positive_int,
         default=32,
         help="images per batch (default: %(default)s)",
     )
     add(
         "--workers",
         metavar="N",
-        type=common.non_negative_int,
-        default=min(4, common.available_cores()),
+        type=scoring.non_negative_int,
+        default=min(4, scoring.available_cores()),
         help="image-decoding worker processes; 0 decodes in the main process "
         "(default: one per usable core, at most 4)",
     )
@@ -132,24 +131,24 @@ def image_files(paths):
         elif Path(path).is_file():
             files.append(path)
         elif Path(path).exists():
-            raise common.UserError(f"{path}: not a file or a folder")
+            raise scoring.UserError(f"{path}: not a file or a folder")
         else:
-            raise common.UserError(f"{path}: no such file or folder")
+            raise scoring.UserError(f"{path}: no such file or folder")
     return files
 
 
 def folder_images(folder):
-    """The images below `folder`, found by their file-name endings (common.IMAGE_SUFFIXES, any
+    """The images below `folder`, found by their file-name endings (scoring.IMAGE_SUFFIXES, any
     case), sorted; hidden files and folders are skipped (such as the `._NAME.jpg` files macOS
     leaves beside copied images, which are not images). None is a user error."""
     images = []
     for path in sorted(Path(folder).rglob("*")):
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.suffix.lower() in common.IMAGE_SUFFIXES and not hidden and path.is_file():
+        if path.suffix.lower() in scoring.IMAGE_SUFFIXES and not hidden and path.is_file():
             images.append(str(path))
     if not images:
-        endings = ", ".join(common.IMAGE_SUFFIXES)
-        raise common.UserError(f"{folder}: no images in this folder or below it (looked for {endings})")
+        endings = ", ".join(scoring.IMAGE_SUFFIXES)
+        raise scoring.UserError(f"{folder}: no images in this folder or below it (looked for {endings})")
     return images
 
 
@@ -175,12 +174,12 @@ def make_folder(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise common.UserError(
+        raise scoring.UserError(
             f"{folder}: cannot make this folder for the heat maps ({error.strerror})"
         ) from None
 
 
-# --- decoding, in the DataLoader's worker processes ---------------------------------------------
+# --- decoding, in worker processes ------------------------------------------------------------
 
 
 class Decoded(NamedTuple):
@@ -193,9 +192,9 @@ class Decoded(NamedTuple):
     error: str | None
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """The files to score, each decoded by the app's rule (common.decode_image_bytes). A refused
-    file becomes a Decoded with its reason, never an error that would stop the loader."""
+class ImageFiles:
+    """The files to score, each decoded by the app's rule (scoring.decode_image_bytes). A refused
+    file becomes a Decoded with its reason, never an error that would stop the scoring."""
 
     def __init__(self, files, meta, keep_images=False):
         self.files = files
@@ -203,15 +202,19 @@ class ImageFiles(torch.utils.data.Dataset):
         self.image_size = meta["image_size"]
         self.keep_images = keep_images
 
-    def __len__(self):
-        return len(self.files)
+    def batch(self, indices):
+        """(the decoded images' inputs stacked, or None when none decoded; the Decoded items
+        without them): one array crosses from a worker process per batch, not one per image."""
+        items = [self.decoded(index) for index in indices]
+        inputs = [item.pixels for item in items if item.error is None]
+        return (np.stack(inputs) if inputs else None), [item._replace(pixels=None) for item in items]
 
-    def __getitem__(self, index):
+    def decoded(self, index):
         try:
             image = read_image_file(self.files[index], self.image_size)
-        except common.ImageError as error:
+        except scoring.ImageError as error:
             return Decoded(index, None, None, None, str(error))
-        facts = common.image_facts(image, self.image_size)
+        facts = scoring.image_facts(image, self.image_size)
         pixels = scoring.model_input(image, self.meta)
         return Decoded(index, pixels, facts, image if self.keep_images else None, None)
 
@@ -221,15 +224,27 @@ def read_image_file(path, image_size):
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise common.ImageError(f"cannot read the file ({error.strerror or error})") from None
-    return common.decode_image_bytes(data, image_size)
+        raise scoring.ImageError(f"cannot read the file ({error.strerror or error})") from None
+    return scoring.decode_image_bytes(data, image_size)
 
 
-def collate(items):
-    """(the decoded images' inputs stacked, or None when none decoded; the items without them):
-    one array crosses from a worker process per batch, not one per image."""
-    inputs = [item.pixels for item in items if item.error is None]
-    return (np.stack(inputs) if inputs else None), [item._replace(pixels=None) for item in items]
+def decoded_batches(image_files, batch_size, workers):
+    """`image_files.batch` of each run of `batch_size` files, in order, decoded by `workers`
+    processes (0: in this one). At most two batches per worker wait decoded ahead of the
+    network, so memory stays bounded however many files there are."""
+    count = len(image_files.files)
+    batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    if workers == 0:
+        yield from map(image_files.batch, batches)
+        return
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(batches))) as pool:
+        waiting = collections.deque()
+        for indices in batches:
+            waiting.append(pool.submit(image_files.batch, indices))
+            if len(waiting) > 2 * workers:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -240,18 +255,13 @@ def score_files(files, network, batch_size=32, workers=0, heatmaps=None):
 
     `heatmaps`: one destination per file (heatmap_destinations); each scored image's heat map
     is written there, and its row says where."""
-    rules = common.ScoringRules(network.meta)
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(files, network.meta, keep_images=heatmaps is not None),
-        batch_size=batch_size,
-        num_workers=min(workers, math.ceil(len(files) / batch_size)),  # no idle worker processes
-        collate_fn=collate,
-    )
+    rules = scoring.ScoringRules(network.meta)
+    image_files = ImageFiles(files, network.meta, keep_images=heatmaps is not None)
     rows = []
     with tqdm(
-        total=len(files), unit="img", desc="Scoring", disable=not common.show_progress(), leave=False
+        total=len(files), unit="img", desc="Scoring", disable=not scoring.show_progress(), leave=False
     ) as progress:
-        for images, items in loader:
+        for images, items in decoded_batches(image_files, batch_size, workers):
             answers = score_batch(network, rules, images, items, heatmaps)
             for item in items:
                 row = file_row(files[item.index], answers.get(item.index), item.error)
@@ -282,11 +292,11 @@ def file_row(file, answer, error):
 
 def write_heatmaps(network, feature_maps, scored, answers, destinations):
     """The heat map of each scored image for its label, drawn as the app draws it."""
-    labels = [common.CLASS_NAMES.index(answer["label"]) for answer in answers]
+    labels = [scoring.CLASS_NAMES.index(answer["label"]) for answer in answers]
     masks = network.heatmaps(feature_maps, labels)
     for item, mask in zip(scored, masks, strict=True):
-        with common.atomic_output(destinations[item.index]) as file:
-            file.write(common.heatmap_png(item.image, mask))
+        with scoring.atomic_output(destinations[item.index]) as file:
+            file.write(scoring.heatmap_png(item.image, mask))
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -323,9 +333,9 @@ def write_output(text, out):
         sys.stdout.write(text)
         return
     try:
-        common.atomic_write_text(out, text)
+        scoring.atomic_write_text(out, text)
     except OSError as error:
-        raise common.UserError(f"{out}: cannot write the predictions ({error.strerror or error})") from None
+        raise scoring.UserError(f"{out}: cannot write the predictions ({error.strerror or error})") from None
 
 
 def report(rows, seconds, device, out):
@@ -346,15 +356,17 @@ def report(rows, seconds, device, out):
 
 def export(checkpoint_path):
     """Write the checkpoint's .onnx file beside it (common.export_onnx)."""
-    onnx_path = common.onnx_path_beside(checkpoint_path)
+    import common  # torch: exporting needs the network itself
+
+    onnx_path = scoring.onnx_path_beside(checkpoint_path)
     try:
         common.export_onnx(checkpoint_path, onnx_path)
     except OSError as error:
-        raise common.UserError(f"{onnx_path}: cannot write the export ({error.strerror or error})") from None
+        raise scoring.UserError(f"{onnx_path}: cannot write the export ({error.strerror or error})") from None
     print(f"Exported {checkpoint_path} to {onnx_path}", file=sys.stderr)
 
 
-@common.exits_on_user_error
+@scoring.exits_on_user_error
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -369,7 +381,7 @@ def main(argv=None):
     # Every input is checked before the slow scoring starts; the predictions are written whole
     # when it ends.
     if out != "-" and Path(out).is_dir():
-        raise common.UserError(f"{out}: is a folder (pass a file name as --out)")
+        raise scoring.UserError(f"{out}: is a folder (pass a file name as --out)")
     files = image_files(args.paths)
     heatmaps = heatmap_destinations(files, args.heatmaps) if args.heatmaps else None
     network = engine.load_network(args.model, args.device)

@@ -1,12 +1,17 @@
 """The serving engine (engine.py, scoring.py): torch's input, answers and heat maps, without torch."""
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, SMALL_JPEG, make_random_checkpoint
+from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, ROOT, SMALL_JPEG, make_random_checkpoint
 
+import app_harness
 import common
 import engine
 import scoring
@@ -99,3 +104,31 @@ def test_a_missing_or_foreign_onnx_file_is_a_checkpoint_error(tmp_path):
     (tmp_path / "notes.onnx").write_text("not a network")
     with pytest.raises(common.CheckpointError, match="not a network exported"):
         engine.load_network(tmp_path / "notes.onnx")
+
+
+def test_an_onnx_file_is_served_without_torch(trusted_checkpoint, tmp_path):
+    """The real server and predict.py, given the .onnx file: answers with heat maps, and no torch
+    in the process (no torch library mapped into the server; `torch` not in predict.py's
+    sys.modules)."""
+    onnx_path = common.onnx_path_beside(trusted_checkpoint)
+    with app_harness.running_server(onnx_path, "--threads", "2") as (url, process):
+        status, answer, _ = app_harness.post_file(url, SMALL_JPEG.read_bytes(), explain=True)
+        assert status == 200 and answer["model"]["engine"] == "onnxruntime" and answer["heatmap"]
+        assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()
+
+    out = tmp_path / "predictions.csv"
+    argv = [str(ROOT / "predict.py"), SMALL_JPEG, HAM_JPEG, "--model", onnx_path, "--out", out]
+    argv += ["--heatmaps", tmp_path / "heatmaps", "--workers", "1"]
+    result = run_python(
+        f"import runpy, sys\nsys.argv = {list(map(str, argv))!r}\n"
+        f"try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        f"finally:\n    print('torch' in sys.modules)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
+
+
+def run_python(code):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
