@@ -121,12 +121,12 @@ def post_concurrently(base_url, uploads, requests, clients):
         return answers, time.perf_counter() - start
 
 
-def precision_gap(checkpoint, paths):
+def precision_gap(checkpoint, paths, served=None):
     """Largest |served probability - plain fp32 network's probability| over the images `paths`:
-    what the served network (the .onnx beside the checkpoint run by ONNX Runtime when there is
-    one, else batch norms folded into convolutions) changes."""
+    what the served network changes: `served` (an .onnx file) or what the app serves for the
+    checkpoint (engine.load_network: its .onnx beside it, else batch norms folded)."""
     device = torch.device("cpu")
-    served = engine.load_network(checkpoint, "cpu")
+    served = engine.load_network(served or checkpoint, "cpu")
     plain_model, meta = common.load_checkpoint(checkpoint, device)
     transform = common.checkpoint_transform(meta)
     gaps = []
