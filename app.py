@@ -2,9 +2,10 @@
 
     python app.py --model best_model.pth          # then open http://127.0.0.1:5000
 
-Routes: `GET /` (the page), `POST /api/predict` (field `file`; `?explain=1` adds a Grad-CAM
-heat map), `POST /` (the original project's route: the same answer plus `result`), `GET /healthz`.
-Every error is JSON `{"error": "..."}` with its HTTP status. Research tool, not a diagnosis.
+Routes: `GET /` (the page), `POST /api/predict` (field `file`; `?explain=1` adds a heat map),
+`POST /` (the original project's route: the same answer plus `result`), `GET /healthz`. With
+best_model.onnx beside the checkpoint (model.py writes it), ONNX Runtime scores. Every error is
+JSON `{"error": "..."}` with its HTTP status. Research tool, not a diagnosis.
 """
 
 import base64
@@ -15,7 +16,6 @@ import queue
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
 import waitress
 import waitress.channel
 import waitress.parser
@@ -26,7 +26,8 @@ from flask import Flask, Request, abort, current_app, jsonify, render_template, 
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-import common
+import engine
+import scoring
 
 MB = 1024 * 1024
 DEFAULT_MAX_UPLOAD_MB = 20
@@ -44,39 +45,25 @@ class InMemoryRequest(Request):
 
 
 class Predictor:
-    """The checkpoint, loaded once, and the one thread that runs every torch operation on it.
+    """The network (engine.load_network), loaded once, and the one thread that runs every model
+    call on it.
 
-    Loading, tensor conversion, predictions and Grad-CAM all run on a single "model" thread, one
-    call at a time with all torch threads: the lowest latency without oversubscribing the
-    cores, while the server's threads read and decode the next uploads. It also keeps Grad-CAM's
-    hooks away from concurrent plain predictions.
+    Loading, predictions and heat maps all run on a single "model" thread, one call at a time
+    with all of the network's threads: the lowest latency without oversubscribing the cores,
+    while the server's threads read and decode the next uploads.
 
-    One thread matters for speed too: torch's OpenMP keeps a pool of worker threads for each
-    thread that runs a parallel operation. Once a second thread has run one, the pools outnumber
-    the cores, OpenMP stops spin-waiting between operations, and the forward pass slows down
-    by a third or more (figures in docs/measurements.md).
+    One thread matters for speed with torch too: its OpenMP keeps a pool of worker threads for
+    each thread that runs a parallel operation. Once a second thread has run one, the pools
+    outnumber the cores, OpenMP stops spin-waiting between operations, and the forward pass slows
+    down by a third or more (figures in docs/measurements.md).
     """
 
-    def __init__(self, checkpoint_path, device, torch_threads=None):
-        self.device = device
-        self.waiting = queue.SimpleQueue()  # (image, Future) pairs for the next batch
-        self.executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="model",
-            initializer=torch.set_num_threads,
-            initargs=(torch_threads or torch.get_num_threads(),),
-        )
-        self.run(self._load, checkpoint_path)
-
-    def run(self, function, *args):
-        """Call `function(*args)` on the model thread and return its result (or raise its error)."""
-        return self.executor.submit(function, *args).result()
-
-    def _load(self, checkpoint_path):
-        self.model, self.meta = common.load_scoring_model(checkpoint_path, self.device)
-        self.transform = common.checkpoint_transform(self.meta)
-        self.rules = common.ScoringRules(self.meta)
-        self.torch_threads = torch.get_num_threads()
+    def __init__(self, model_path, device="auto", threads=None):
+        self.waiting = queue.SimpleQueue()  # (image, facts, explain, Future) of the next batch
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.network = self.executor.submit(engine.load_network, model_path, device, threads).result()
+        self.meta = self.network.meta
+        self.rules = scoring.ScoringRules(self.meta)
 
     def summary(self):
         return {
@@ -84,21 +71,20 @@ class Predictor:
             "calibrated": self.rules.calibration is not None,
             "melanoma_share": (self.rules.calibration or {}).get("melanoma_share"),
             "can_flag_images": self.rules.can_flag,
+            "engine": self.network.engine,
         }
 
-    def _batch(self, image):
-        return self.transform(image).unsqueeze(0).to(self.device, memory_format=torch.channels_last)
-
-    def answer(self, image):
-        """The answer for a decoded PIL image (common.ScoringRules.answers): calibrated melanoma
-        probability, label, whether the model can judge the image, warnings.
+    def answer(self, image, explain=False):
+        """(the answer for a decoded PIL image (scoring.ScoringRules.answers): calibrated melanoma
+        probability, label, whether the model can judge the image, warnings; with `explain`,
+        its heat map for that label from the same forward pass, else None).
 
         Images that arrive while the model is busy wait, and are then scored together in one
         forward pass: a batch of 4 costs about 20% less per image than 4 single passes on 2
         cores, so under load the server answers more requests per second. The image's facts
         (size, sharpness, ...) are measured here, on the request's thread, meanwhile."""
         answer = Future()
-        self.waiting.put((image, common.image_facts(image, self.meta["image_size"]), answer))
+        self.waiting.put((image, scoring.image_facts(image, self.meta["image_size"]), explain, answer))
         self.executor.submit(self._score_waiting)
         return answer.result()
 
@@ -111,29 +97,29 @@ class Predictor:
         if not jobs:
             return
         try:
-            batch = torch.cat([self._batch(image) for image, _, _ in jobs])
-            logits, stage_means = common.network_outputs(self.model, batch, self.device)
-            answers = self.rules.answers(logits, stage_means, [facts for _, facts, _ in jobs])
+            logits, stage_means, feature_maps = self.network.outputs(
+                self.network.batch([job[0] for job in jobs])
+            )
+            answers = self.rules.answers(logits, stage_means, [job[1] for job in jobs])
+            heatmaps = [
+                self._heatmap(feature_maps[index : index + 1], answer) if explain else None
+                for index, ((_, _, explain, _), answer) in enumerate(zip(jobs, answers, strict=True))
+            ]
         except Exception as error:  # every request of the batch gets it (a JSON 500)
-            for _, _, answer in jobs:
-                answer.set_exception(error)
+            for *_, future in jobs:
+                future.set_exception(error)
             return
-        for (_, _, future), answer in zip(jobs, answers, strict=True):
-            future.set_result(answer)
+        for (*_, future), answer, heatmap in zip(jobs, answers, heatmaps, strict=True):
+            future.set_result((answer, heatmap))
 
-    def _heatmap(self, image, label):
-        return common.heatmap_masks(self.model, self._batch(image), [label])[0]
-
-    def heatmap(self, image, label):
-        """Grad-CAM for `label` (common.heatmap_masks): (H, W) floats in [0, 1]."""
-        return self.run(self._heatmap, image, label)
+    def _heatmap(self, feature_map, answer):
+        """The heat map of one image for its answer's label: (H, W) floats in [0, 1]."""
+        return self.network.heatmaps(feature_map, [scoring.CLASS_NAMES.index(answer["label"])])[0]
 
     def warm_up(self):
         """Pay the first-call costs (kernel selection, allocations) before the first user does."""
         size = self.meta["image_size"]
-        image = Image.new("RGB", (size, size), (180, 120, 100))
-        self.answer(image)
-        self.heatmap(image, common.MELANOMA)
+        self.answer(Image.new("RGB", (size, size), (180, 120, 100)), explain=True)
 
 
 def read_upload():
@@ -145,19 +131,19 @@ def read_upload():
 
 
 def decode_upload(data, image_size):
-    """The uploaded image, by the rule predict.py applies to files too (common.decode_image_bytes):
+    """The uploaded image, by the rule predict.py applies to files too (scoring.decode_image_bytes):
     415 for a format not decoded on purpose, 400 for any other refusal."""
     try:
-        return common.decode_image_bytes(data, image_size)
-    except common.UnsupportedImageFormat as error:
+        return scoring.decode_image_bytes(data, image_size)
+    except scoring.UnsupportedImageFormat as error:
         abort(415, str(error))
-    except common.ImageError as error:
+    except scoring.ImageError as error:
         abort(400, str(error))
 
 
 def heatmap_data_url(image, mask):
-    """The heat map laid over the upload (common.heatmap_png), as a data: URL."""
-    return "data:image/png;base64," + base64.b64encode(common.heatmap_png(image, mask)).decode("ascii")
+    """The heat map laid over the upload (scoring.heatmap_png), as a data: URL."""
+    return "data:image/png;base64," + base64.b64encode(scoring.heatmap_png(image, mask)).decode("ascii")
 
 
 def milliseconds_since(start):
@@ -172,13 +158,12 @@ def predict_upload(predictor, explain):
     timing = {"decode": milliseconds_since(start)}
 
     model_start = time.perf_counter()
-    answer = predictor.answer(image)
+    answer, heatmap = predictor.answer(image, explain)
     timing["model"] = milliseconds_since(model_start)
     answer = {**answer, "probability": round(answer["probability"], 6), "model": predictor.summary()}
     if explain:
         heatmap_start = time.perf_counter()
-        label = common.CLASS_NAMES.index(answer["label"])
-        answer["heatmap"] = heatmap_data_url(image, predictor.heatmap(image, label))
+        answer["heatmap"] = heatmap_data_url(image, heatmap)
         timing["heatmap"] = milliseconds_since(heatmap_start)
     timing["total"] = milliseconds_since(start)
     return {**answer, "timing_ms": timing}
@@ -206,13 +191,12 @@ def add_security_headers(response):
     return response
 
 
-def create_app(
-    checkpoint_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB * MB, torch_threads=None
-):
-    """The Flask app serving `checkpoint_path` (raises common.CheckpointError if it cannot load).
+def create_app(model_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB * MB, threads=None):
+    """The Flask app serving `model_path`, a checkpoint or its .onnx file (engine.load_network;
+    raises scoring.CheckpointError if it cannot load).
 
-    `torch_threads`: threads for one model call (default: torch's current setting)."""
-    predictor = Predictor(checkpoint_path, common.choose_device(device), torch_threads)
+    `threads`: threads for one model call (default: the network library's own setting)."""
+    predictor = Predictor(model_path, device, threads)
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
@@ -238,7 +222,7 @@ def create_app(
             threshold=predictor.meta["threshold"],
             max_upload_bytes=app.config["MAX_CONTENT_LENGTH"],
             max_upload_mb=upload_limit_mb(),
-            formats=common.ALLOWED_FORMATS_TEXT,
+            formats=scoring.ALLOWED_FORMATS_TEXT,
         )
 
     @app.post("/api/predict")
@@ -257,9 +241,10 @@ def create_app(
             status="ok",
             model=predictor.summary(),
             threshold=predictor.meta["threshold"],
-            device=str(predictor.device),
+            device=str(predictor.network.device),
             precision="fp32",
-            torch_threads=predictor.torch_threads,
+            engine=predictor.network.engine,
+            threads=predictor.network.threads,
         )
 
     return app
@@ -382,7 +367,7 @@ def serve(app, host, port, threads):
             inbuf_overflow=2 * body_limit + MB,
         )
     except OSError as error:
-        raise common.UserError(
+        raise scoring.UserError(
             f"cannot listen on {host}:{port} ({error.strerror}); try another --port"
         ) from None
     for listener in socket_map.values():
@@ -396,32 +381,39 @@ def serve(app, host, port, threads):
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = scoring.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--model", default="best_model.pth", help="checkpoint to serve (default: %(default)s)")
+    add(
+        "--model",
+        default="best_model.pth",
+        help="checkpoint to serve, or its .onnx file; a checkpoint with the .onnx exported from it "
+        "beside it is served by ONNX Runtime (default: %(default)s)",
+    )
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add(
         "--port",
-        type=common.port_number,
+        type=scoring.port_number,
         default=5000,
         help="port; 0 picks a free one (default: %(default)s)",
     )
     add(
         "--threads",
-        type=common.positive_int,
+        type=scoring.positive_int,
         default=4,
         help="waitress worker threads, i.e. requests in flight (default: 4)",
     )
     add(
+        "--model-threads",
         "--torch-threads",
-        type=common.positive_int,
+        type=scoring.positive_int,
         default=None,
-        help="threads for one model call (default: the usable CPU cores; calls run one at a time)",
+        help="threads for one model call, ONNX Runtime's or torch's (default: the usable CPU cores; "
+        "calls run one at a time)",
     )
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add(
         "--max-upload-mb",
-        type=common.positive_float,
+        type=scoring.positive_float,
         default=DEFAULT_MAX_UPLOAD_MB,
         help="largest accepted request, in MB (default: %(default)s)",
     )
@@ -433,12 +425,12 @@ def get_args_parser():
     return parser
 
 
-@common.exits_on_user_error
+@scoring.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    # No torch operation runs on this thread: the model thread owns them all (see Predictor).
+    # No model call runs on this thread: the model thread owns them all (see Predictor).
     app = create_app(
-        args.model, args.device, int(args.max_upload_mb * MB), args.torch_threads or common.available_cores()
+        args.model, args.device, int(args.max_upload_mb * MB), args.model_threads or scoring.available_cores()
     )
     app.extensions["predictor"].warm_up()
     if args.debug:

@@ -23,6 +23,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
 import common
+import engine
 
 APP = Path(__file__).resolve().parent / "app.py"
 
@@ -120,20 +121,19 @@ def post_concurrently(base_url, uploads, requests, clients):
         return answers, time.perf_counter() - start
 
 
-def precision_gap(checkpoint, paths):
+def precision_gap(checkpoint, paths, served=None):
     """Largest |served probability - plain fp32 network's probability| over the images `paths`:
-    what the served network (batch norms folded into convolutions) changes."""
+    what the served network changes: `served` (an .onnx file) or what the app serves for the
+    checkpoint (engine.load_network: its .onnx beside it, else batch norms folded)."""
     device = torch.device("cpu")
-    served_model, meta = common.load_scoring_model(checkpoint, device)
-    plain_model, _ = common.load_checkpoint(checkpoint, device)
+    served = engine.load_network(served or checkpoint, "cpu")
+    plain_model, meta = common.load_checkpoint(checkpoint, device)
     transform = common.checkpoint_transform(meta)
     gaps = []
     for start in range(0, len(paths), 64):  # batches of 64 keep 384-px memory modest
         images = [common.load_image(path, min_size=meta["image_size"]) for path in paths[start : start + 64]]
         batch = torch.stack([transform(image) for image in images])
-        plain, served = (
-            common.melanoma_probability(common.network_outputs(model, batch, device)[0])
-            for model in (plain_model, served_model)
-        )
-        gaps.append(np.abs(served - plain).max())
+        plain = common.melanoma_probability(common.network_outputs(plain_model, batch, device)[0])
+        served_probability = common.melanoma_probability(served.outputs(served.batch(images))[0])
+        gaps.append(np.abs(served_probability - plain).max())
     return float(max(gaps))

@@ -1,5 +1,8 @@
 """What the four stages share: labels, file names, images, the model, checkpoints, devices.
 
+Its torch-free parts (images from outside, the answer's rules, heat map pictures, command lines)
+live in scoring.py, which serving without torch imports instead; they are re-exported here.
+
 Nothing stage-specific lives here. Every stage reads image size, normalisation and the
 decision threshold from the checkpoint (see docs/design.md), through the helpers below.
 """
@@ -10,6 +13,7 @@ import datetime
 import functools
 import io
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -28,31 +32,71 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms
 from tqdm import tqdm
 
+# The torch-free parts live in scoring.py (the serving path imports no torch); the stages use
+# them as common.NAME.
+from scoring import (
+    ALLOWED_FORMATS_TEXT,
+    ARCH,
+    CLASS_NAMES,
+    DEFAULT_IMAGE_SIZE,
+    HEATMAP_MAX_SIDE,
+    IMAGE_FACTS,
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAGIC_NUMBERS,
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_PIXELS,
+    MELANOMA,
+    MIN_IMAGE_SIDE,
+    NON_MELANOMA,
+    NOT_A_LESION,
+    ONNX_INPUT,
+    ONNX_METADATA_KEY,
+    QUALITY_PERCENTILE,
+    QUALITY_STATISTICS,
+    QUALITY_WARNINGS,
+    ArgumentParser,
+    CheckpointError,
+    ImageError,
+    ScoringRules,
+    UnsupportedImageFormat,
+    UserError,
+    as_arrays,
+    atomic_output,
+    atomic_write_text,
+    available_cores,
+    bounded_int,
+    class_activation_maps,
+    current_umask,
+    decode_image_bytes,
+    detect_format,
+    exits_on_user_error,
+    file_sha256,
+    fraction,
+    heatmap_png,
+    image_facts,
+    load_image,
+    mahalanobis_distances,
+    melanoma_log_odds,
+    melanoma_probability,
+    model_input,
+    non_negative_float,
+    non_negative_int,
+    onnx_path_beside,
+    ood_scores,
+    port_number,
+    positive_float,
+    positive_int,
+    show_progress,
+    shown_probability,
+    size_warnings,
+    to_rgb,
+)
+
 # --- labels and the prepared-tree file convention ------------------------------------------
 
-MELANOMA, NON_MELANOMA = 1, 0
-CLASS_NAMES = ("Non-Melanoma", "Melanoma")  # index = label
 FILE_PREFIX = {MELANOMA: "mel_", NON_MELANOMA: "nomel_"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCH = "efficientnet_v2_s"
-DEFAULT_IMAGE_SIZE = 384
-
-# Decompression bombs: refuse anything over 64 megapixels (a 50 MP camera fits) before it is
-# decoded. Pillow raises only above twice its limit (it warns below), so load_image checks too.
-MAX_IMAGE_PIXELS = 64_000_000
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class UserError(Exception):
-    """Bad input from the person running a command: shown as one line, exit code 2."""
-
-
-class ImageError(UserError):
-    """An image that cannot be decoded safely."""
 
 
 def label_from_filename(name):
@@ -133,102 +177,6 @@ def parsed_manifest_row(row):
         lesion_id=row["lesion_id"],
         augmented={"yes": True, "no": False}[row["augmented"]],
     )
-
-
-# --- images ----------------------------------------------------------------------------------
-
-
-def load_image(source, min_size=None):
-    """Decode an image file (path or binary file object) into an upright 8-bit RGB PIL image.
-
-    The whole image is decoded here, so truncated and corrupt files fail now, with an
-    ImageError, not later inside a DataLoader worker. `min_size` lets JPEG decode at a reduced
-    scale (never below min_size on either side): a 3000x2000 photo then costs about as much
-    as a small one.
-    """
-    name = source if isinstance(source, (str, os.PathLike)) else "upload"
-    try:
-        with Image.open(source) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError
-            if min_size and image.format == "JPEG":
-                image.draft("RGB", (min_size, min_size))
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image has more than {MAX_IMAGE_PIXELS:,} pixels") from None
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
-    except Image.UnidentifiedImageError:  # its own text names the file object's memory address
-        raise ImageError(f"{name}: not a readable image (no image format recognised)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{name}: not a readable image ({error})") from None
-
-
-def to_rgb(image):
-    """Convert any Pillow mode (CMYK, greyscale, palette, 16-bit, alpha) to 8-bit RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255.
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() or 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA"):
-        # Transparent pixels carry no skin; put them on white, the usual page background.
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-# --- images from outside: what the app and predict.py accept, by one rule -----------------------
-
-# The formats decoded on purpose, recognised by their first bytes, never by the file name or
-# the Content-Type a client claims. (WebP is RIFF....WEBP, checked in `detect_format`.)
-MAGIC_NUMBERS = {
-    "JPEG": (b"\xff\xd8\xff",),
-    "PNG": (b"\x89PNG\r\n\x1a\n",),
-    "BMP": (b"BM",),
-    "TIFF": (b"II*\x00", b"MM\x00*"),
-}
-ALLOWED_FORMATS_TEXT = "JPEG, PNG, WebP, BMP or TIFF"
-
-# Smaller than this there is no lesion to see: refused. Smaller than the model's input size,
-# or very elongated, is scored with a warning (size_warnings).
-MIN_IMAGE_SIDE = 32
-
-
-class UnsupportedImageFormat(ImageError):
-    """A file in none of the formats decoded on purpose (the app answers it with a 415)."""
-
-
-def detect_format(head):
-    """The allowed format named by the first bytes of a file, or None."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    for name, prefixes in MAGIC_NUMBERS.items():
-        if head.startswith(prefixes):
-            return name
-    return None
-
-
-def decode_image_bytes(data, image_size):
-    """The image held in `data` (a whole file's bytes), decoded as `load_image` does (JPEGs at
-    a reduced scale, never below `image_size`), if the model will score it: an allowed format by
-    its first bytes, within the pixel limit, at least MIN_IMAGE_SIDE pixels a side.
-
-    Raises UnsupportedImageFormat or ImageError with the reason in the words the app answers."""
-    if not data:
-        raise ImageError("the uploaded file is empty")
-    if detect_format(data[:16]) is None:
-        raise UnsupportedImageFormat(f"unsupported file type: send a {ALLOWED_FORMATS_TEXT} image")
-    image = load_image(io.BytesIO(data), min_size=image_size)
-    if min(image.size) < MIN_IMAGE_SIDE:
-        raise ImageError(
-            f"image too small ({image.width}x{image.height}): each side needs {MIN_IMAGE_SIDE}+ pixels"
-        )
-    return image
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -428,6 +376,17 @@ def load_scoring_model(path, device="cpu"):
     return fold_batch_norms(model), meta
 
 
+def forward_with_stages(network, x):
+    """(logits, each stage's output averaged over the image, the last stage's output) of a
+    torchvision EfficientNet: the one forward pass that both torch scoring and the ONNX export run."""
+    stage_means = []
+    for stage in network.features:
+        x = stage(x)
+        stage_means.append(x.mean(dim=(2, 3)))
+    logits = network.classifier(torch.flatten(network.avgpool(x), 1))
+    return logits, stage_means, x
+
+
 @torch.inference_mode()
 def network_outputs(model, images, device):
     """(logits, stage means) of a normalised batch (N, 3, H, W), as float64 arrays.
@@ -439,14 +398,49 @@ def network_outputs(model, images, device):
     validation images (over the 0.01 rule), and every consumer must score alike for the stored
     threshold to mean the same thing everywhere.
     """
+    logits, stage_means, _ = scoring_outputs(model, images, device)
+    return logits, stage_means
+
+
+@torch.inference_mode()
+def scoring_outputs(model, images, device):
+    """`network_outputs` plus the last stage's output (N, C, h, w) as float32, for the heat map."""
     network = getattr(model, "module", model).efficientnet
     x = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    stage_means = []
-    for stage in network.features:
-        x = stage(x)
-        stage_means.append(x.mean(dim=(2, 3)).double().cpu().numpy())
-    logits = network.classifier(torch.flatten(network.avgpool(x), 1))
-    return logits.double().cpu().numpy(), stage_means
+    logits, stage_means, feature_maps = forward_with_stages(network, x)
+    return (
+        as_float64(logits),
+        [as_float64(means) for means in stage_means],
+        feature_maps.float().cpu().numpy(),
+    )
+
+
+class TorchNetwork:
+    """A checkpoint scored by torch (`load_scoring_model`), answering as engine.OnnxEngine does:
+    for a checkpoint without its exported network, or CUDA without ONNX Runtime's CUDA provider."""
+
+    engine = "torch"
+
+    def __init__(self, checkpoint_path, device="cpu", threads=None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = choose_device(device)
+        self.model, self.meta = load_scoring_model(checkpoint_path, self.device)
+        self.classifier_weight = self.model.efficientnet.classifier[-1].weight.detach().cpu().numpy()
+        self.threads = torch.get_num_threads()
+
+    def batch(self, images):
+        return np.stack([model_input(image, self.meta) for image in images])
+
+    def outputs(self, batch):
+        return scoring_outputs(self.model, torch.from_numpy(batch), self.device)
+
+    def heatmaps(self, feature_maps, labels):
+        return class_activation_maps(feature_maps, self.classifier_weight, labels, self.meta["image_size"])
+
+
+def as_float64(tensor):
+    return tensor.double().cpu().numpy()
 
 
 def dihedral_views(images):
@@ -514,251 +508,7 @@ def batches_with_readable_errors(loader):
         raise ImageError(last_line.removeprefix("common.ImageError: ")) from None
 
 
-# --- from the network's outputs to the answer for one image ------------------------------------
-# What scoring needs beyond the weights is fitted on the best checkpoint by model.py and stored
-# in it (see `ScoringRules`); an older checkpoint has none of it, and every stage says so.
-
-
-def melanoma_log_odds(logits):
-    """log(p / (1 - p)) of the softmax melanoma probability p, computed without rounding to 0 or 1."""
-    log_p = scipy.special.log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
-    others = scipy.special.logsumexp(np.delete(log_p, MELANOMA, axis=1), axis=1)
-    return log_p[:, MELANOMA] - others
-
-
-def melanoma_probability(logits, calibration=None):
-    """The melanoma probability shown to people, from a batch of logits."""
-    return shown_probability(melanoma_log_odds(logits), calibration)
-
-
-def shown_probability(log_odds, calibration=None):
-    """The one place a melanoma log-odds becomes the probability shown to people.
-
-    With a calibration (Platt scaling, fitted on the validation split), the log-odds are scaled
-    and shifted: the probability then means the chance of melanoma among images like the
-    validation split's, at its melanoma share. The slope is positive, so the ranking (and with
-    the threshold mapped alike, every decision) stays the same."""
-    if calibration is not None:
-        log_odds = calibration["slope"] * np.asarray(log_odds) + calibration["intercept"]
-    return scipy.special.expit(log_odds)
-
-
-def mahalanobis_distances(features, class_means, precision):
-    """Squared Mahalanobis distance of each feature vector to the nearest class mean, under the
-    classes' shared covariance (given as its inverse, `precision`)."""
-    distances = []
-    for mean in class_means:
-        centred = features - mean
-        distances.append(np.einsum("nd,de,ne->n", centred, precision, centred, optimize=True))
-    return np.min(distances, axis=0)
-
-
-def ood_scores(stage_means, ood):
-    """Out-of-distribution score of each image (Lee et al., 2018, with their feature ensemble):
-    at each of the checkpoint's stages, the Mahalanobis distance of the stage mean to the
-    training images, in units of its own validation percentile; the score is the largest.
-    Above 1 at one stage already means: less like the training images than most validation
-    images are, there."""
-    return np.max(
-        [
-            mahalanobis_distances(stage_means[stage["stage"]], stage["class_means"], stage["precision"])
-            / stage["scale"]
-            for stage in ood["stages"]
-        ],
-        axis=0,
-    )
-
-
-# What the answer needs to know of the decoded image besides its pixels: its size, and the
-# statistics behind the quality warnings, measured on the grey image at the model's input size
-# (so that a camera photo and a small dermoscopic crop are judged at the scale the model sees).
-QUALITY_STATISTICS = ("sharpness", "brightness", "contrast")
-IMAGE_FACTS = ("width", "height", *QUALITY_STATISTICS)
-
-
-def image_facts(image, size):
-    """{width, height, sharpness: variance of the Laplacian, brightness: mean grey level,
-    contrast: its standard deviation} of a PIL image; grey levels 0-255 at `size` x `size`."""
-    grey = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
-    laplacian = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
-    return {
-        "width": image.width,
-        "height": image.height,
-        "sharpness": float(laplacian.var()),
-        "brightness": float(grey.mean()),
-        "contrast": float(grey.std()),
-    }
-
-
-# Quality limits are percentiles of the training images' statistics (model.py fits them).
-QUALITY_PERCENTILE = 1
-QUALITY_WARNINGS = {
-    "sharpness_min": "the image looks blurred (less sharp than 99% of the training images)",
-    "brightness_min": "the image is very dark (darker than 99% of the training images)",
-    "brightness_max": "the image is very bright (brighter than 99% of the training images)",
-    "contrast_min": "the image has very little contrast (less than 99% of the training images)",
-}
-NOT_A_LESION = "does not look like a dermoscopic image of a skin lesion"
-# Smaller than the model's input, or more elongated than this, is scored with a warning.
-MAX_ASPECT_RATIO = 3.0
-
-
-def size_warnings(facts, image_size):
-    """Reasons the answer may be less reliable for this image's size or shape (still scored)."""
-    width, height = facts["width"], facts["height"]
-    warnings = []
-    if min(width, height) < image_size:
-        warnings.append(
-            f"the image ({width}x{height}) is smaller than the model's input "
-            f"({image_size}x{image_size}) and was enlarged: the result is less reliable"
-        )
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        warnings.append(
-            "the image is very elongated and was squeezed into a square: the result is less reliable"
-        )
-    return warnings
-
-
-def as_arrays(values):
-    """A dict's tensors as float64 NumPy arrays (the checkpoint stores tensors)."""
-    return {
-        key: np.asarray(value, dtype=np.float64) if isinstance(value, torch.Tensor) else value
-        for key, value in values.items()
-    }
-
-
-class ScoringRules:
-    """A checkpoint's rules for turning the network's outputs into the answer for one image:
-    the calibration, the decision threshold, the out-of-distribution score and its threshold,
-    the image-quality limits. Built once per loaded checkpoint (`from_meta`); every stage
-    answers through it, so the app, analysis.py and model.py's test summary agree."""
-
-    def __init__(self, meta):
-        self.image_size = meta["image_size"]
-        self.threshold = float(meta["threshold"])
-        self.calibration = meta.get("calibration")
-        self.quality = meta.get("quality")
-        self.ood = meta.get("ood")
-        if self.ood is not None:  # tensors in the checkpoint; arrays here, converted once
-            self.ood = {**self.ood, "stages": [as_arrays(stage) for stage in self.ood["stages"]]}
-
-    @property
-    def can_flag(self):
-        return self.ood is not None
-
-    def probabilities(self, logits):
-        return melanoma_probability(logits, self.calibration)
-
-    def ood_scores(self, stage_means):
-        """Each image's out-of-distribution score; None for each when the checkpoint has none."""
-        if self.ood is None:
-            return [None] * len(stage_means[0])
-        return ood_scores(stage_means, self.ood)
-
-    def warnings(self, facts):
-        """Size and quality warnings for one image's `image_facts` (quality: when fitted)."""
-        warnings = size_warnings(facts, self.image_size)
-        if self.quality is not None:
-            limits = self.quality["limits"]
-            failed = {
-                "sharpness_min": facts["sharpness"] < limits["sharpness_min"],
-                "brightness_min": facts["brightness"] < limits["brightness_min"],
-                "brightness_max": facts["brightness"] > limits["brightness_max"],
-                "contrast_min": facts["contrast"] < limits["contrast_min"],
-            }
-            warnings += [QUALITY_WARNINGS[name] for name, fails in failed.items() if fails]
-        return warnings
-
-    def label(self, probability):
-        return MELANOMA if probability >= self.threshold else NON_MELANOMA
-
-    def answers(self, logits, stage_means, facts):
-        """The answer for each image of a batch: {label, probability, threshold, calibrated,
-        reliable, reasons, ood_score, ood_threshold, warnings}, from `network_outputs` and each
-        image's image_facts."""
-        probabilities = self.probabilities(logits)
-        ood_scores = self.ood_scores(stage_means)
-        answers = []
-        for one_image, probability, ood_score in zip(facts, probabilities, ood_scores, strict=True):
-            answers.append(
-                {
-                    "label": CLASS_NAMES[self.label(probability)],
-                    "probability": float(probability),
-                    "threshold": self.threshold,
-                    "calibrated": self.calibration is not None,
-                    **self.reliability(ood_score),
-                    "warnings": self.warnings(one_image),
-                }
-            )
-        return answers
-
-    def reliability(self, ood_score):
-        """Whether the model can judge the image: reliable is None when the checkpoint cannot tell."""
-        if ood_score is None:
-            return {
-                "reliable": None,
-                "reasons": ["this checkpoint has no out-of-distribution score: flagging is not available"],
-                "ood_score": None,
-                "ood_threshold": None,
-            }
-        flagged = bool(ood_score > self.ood["threshold"])
-        return {
-            "reliable": not flagged,
-            "reasons": [NOT_A_LESION] if flagged else [],
-            "ood_score": float(ood_score),
-            "ood_threshold": float(self.ood["threshold"]),
-        }
-
-
-# --- heat maps: the regions that drove the answer (the app's `?explain=1`, predict.py --heatmaps) --
-
-HEATMAP_MAX_SIDE = 384
-
-
-def heatmap_masks(model, images, labels):
-    """Grad-CAM of a normalised batch on the last convolutional stage, each image for its
-    `label`: (N, H, W) floats in [0, 1], at the network's input size.
-
-    Grad-CAM needs gradients only from the head down to its target layer: every other weight
-    is frozen here (and stays so; scoring never needs gradients), so its backward pass stops
-    there, about the cost of one forward. It runs in fp32: the library converts activations to
-    NumPy, which has no bfloat16.
-    """
-    # Imported here: pytorch_grad_cam costs about 1.6 s of imports that only heat maps need.
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    layer = getattr(model, "module", model).efficientnet.features[-1]
-    model.requires_grad_(False)
-    layer.requires_grad_(True)
-    cam = GradCAM(model=model, target_layers=[layer])
-    # Not `with cam:`: its __exit__ silently swallows IndexError.
-    try:
-        return cam(input_tensor=images, targets=[ClassifierOutputTarget(label) for label in labels])
-    finally:
-        cam.activations_and_grads.release()
-
-
-def heatmap_png(image, mask):
-    """A `heatmap_masks` mask laid over the decoded PIL image (its aspect kept, at most
-    HEATMAP_MAX_SIDE a side), as the bytes of a PNG file."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    shown = image.copy()
-    shown.thumbnail((HEATMAP_MAX_SIDE, HEATMAP_MAX_SIDE))
-    # The model saw the image squeezed to a square: stretching the mask back undoes that.
-    mask = np.asarray(Image.fromarray(mask).resize(shown.size, Image.Resampling.BILINEAR))
-    overlay = show_cam_on_image(np.asarray(shown, dtype=np.float32) / 255, mask, use_rgb=True)
-    png = io.BytesIO()
-    Image.fromarray(overlay).save(png, format="PNG")
-    return png.getvalue()
-
-
 # --- checkpoints -----------------------------------------------------------------------------
-
-
-class CheckpointError(UserError):
-    pass
 
 
 def checkpoint_metadata(
@@ -791,39 +541,10 @@ def checkpoint_metadata(
     }
 
 
-@contextmanager
-def atomic_output(path, mode="wb"):
-    """A file object on a temporary file beside `path`, renamed to `path` only when the block
-    succeeds: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp's 0600 would hide outputs from other users
-        with os.fdopen(handle, mode) as file:
-            yield file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def current_umask():
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
 def atomic_torch_save(obj, path):
     """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
     with atomic_output(path) as file:
         torch.save(obj, file)
-
-
-def atomic_write_text(path, text):
-    """Write a text file (JSON, CSV, a report) atomically, like `atomic_torch_save`."""
-    with atomic_output(path, "w") as file:
-        file.write(text)
 
 
 def save_checkpoint(path, model, meta):
@@ -878,83 +599,65 @@ def original_state_dict_to_ours(state):
     return renamed
 
 
-# --- command lines ---------------------------------------------------------------------------
+# --- the serving engine's network: best_model.onnx ---------------------------------------------
 
 
-def bounded_int(text, minimum, maximum=None):
-    """An argparse value: an integer from `minimum` to `maximum` (if any), or a one-line error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be at least {minimum}: {value}")
-    if maximum is not None and value > maximum:
-        raise argparse.ArgumentTypeError(f"must be at most {maximum}: {value}")
-    return value
+class ScoringGraph(nn.Module):
+    """The folded scoring network as the ONNX graph computes it: logits, every stage's mean over
+    the image (what the out-of-distribution score reads), and the last stage's output (what the
+    heat map is drawn from), all from one forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.network = getattr(model, "module", model).efficientnet
+
+    def forward(self, images):
+        logits, stage_means, last_feature_map = forward_with_stages(self.network, images)
+        return logits, *stage_means, last_feature_map
+
+    def output_names(self):
+        return [
+            "logits",
+            *(f"stage_mean_{index}" for index in range(len(self.network.features))),
+            "last_feature_map",
+        ]
 
 
-def positive_int(text):
-    return bounded_int(text, 1)
+def export_onnx(checkpoint_path, onnx_path):
+    """Write the checkpoint's scoring network (`load_scoring_model`) as an ONNX graph, atomically:
+    input `images` (N, 3, S, S) normalised, the batch dimension dynamic; outputs
+    `ScoringGraph.output_names()`. The checkpoint's metadata, the classifier's weights (the heat
+    map's channel weights) and the checkpoint file's SHA-256 go into the file's metadata_props."""
+    model, meta = load_scoring_model(checkpoint_path)
+    graph = ScoringGraph(model).eval()
+    size = meta["image_size"]
+    # The dynamo exporter (torch's default and recommended one); a batch of 2 as the example,
+    # since torch.export specialises a dimension of size 1.
+    program = torch.onnx.export(
+        graph,
+        (torch.zeros(2, 3, size, size),),
+        input_names=[ONNX_INPUT],
+        output_names=graph.output_names(),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    classifier = graph.network.classifier[-1]
+    onnx_meta = {
+        **meta,
+        "classifier_weight": classifier.weight.detach().tolist(),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+    }
+    proto = program.model_proto
+    proto.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(onnx_meta, default=plain_value))
+    with atomic_output(onnx_path) as file:
+        file.write(proto.SerializeToString())
+    return Path(onnx_path)
 
 
-def non_negative_int(text):
-    return bounded_int(text, 0)
-
-
-def port_number(text):
-    """A TCP port; 0 lets the system pick a free one. (waitress would quietly serve 70000 on 4464.)"""
-    return bounded_int(text, 0, 65535)
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
-
-
-def available_cores():
-    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (plus a --help hint), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def exits_on_user_error(main_function):
-    """Decorate a stage's `main`: a UserError becomes one line on stderr and exit code 2."""
-
-    @functools.wraps(main_function)
-    def main(argv=None):
-        try:
-            return main_function(argv)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-    return main
-
-
-def show_progress(wanted=True):
-    """Whether to draw a tqdm bar: only on a terminal (tqdm's `disable=None` rule), since a log file
-    or a pipe would keep every redraw; `wanted=False` hides it anyway."""
-    return wanted and sys.stderr is not None and sys.stderr.isatty()
+def plain_value(value):
+    """A tensor or an array as nested lists, for json.dumps (the checkpoint stores tensors)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

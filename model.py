@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=4 model.py --data prepared_dataset     # several GPUs, one machine
 
 Writes into --out: `best_model.pth` (whenever validation improves), `last_checkpoint.pth` (each
-epoch, everything `--resume` needs) and `training_history.json`; then scores the best checkpoint
-on the test split at the decision threshold it stores (chosen on the validation split).
+epoch, everything `--resume` needs) and `training_history.json`; once training ends,
+`best_model.onnx` (the same network for the serving engine); then scores the best checkpoint on
+the test split at the decision threshold it stores (chosen on the validation split).
 """
 
 import argparse
@@ -542,7 +543,8 @@ def fit_quality_limits(facts):
 def fit_scoring_rules(best_path, args, device):
     """Fit what scoring needs beyond the weights on the best checkpoint, as the app will run it,
     and store it there: calibration (val/), the decision threshold on the calibrated scale, the
-    out-of-distribution score (original train/ images; threshold on val/), quality limits."""
+    out-of-distribution score (original train/ images; threshold on val/), quality limits. Then
+    export it, rules included, as best_model.onnx beside it for the serving engine."""
     weights, meta = common.load_checkpoint(best_path, device)
     model = common.fold_batch_norms(copy.deepcopy(weights))  # the network as the app runs it
     print(f"Fitting calibration, out-of-distribution score and quality limits for {best_path}.")
@@ -573,6 +575,8 @@ def fit_scoring_rules(best_path, args, device):
     )
     common.save_checkpoint(best_path, weights, meta)
     print(describe_scoring_rules(meta, val.labels))
+    onnx_path = common.export_onnx(best_path, common.onnx_path_beside(best_path))
+    print(f"Serving engine's network written to {onnx_path}")
     return meta
 
 

@@ -8,23 +8,25 @@ row with the reason, and the run goes on. Research tool, not a diagnosis.
 """
 
 import argparse
+import collections
+import concurrent.futures
 import csv
 import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import common
+import engine
+import scoring
 
 FORMATS = ("csv", "json", "jsonl")
-# The fields of the app's answer for one image (common.ScoringRules.answers), in output order.
+# The fields of the app's answer for one image (scoring.ScoringRules.answers), in output order.
 ANSWER_COLUMNS = (
     "probability",
     "label",
@@ -48,7 +50,7 @@ EXIT_CODES = """exit codes:
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(
+    parser = scoring.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,7 +58,7 @@ def get_args_parser():
     add = parser.add_argument
     add(
         "paths",
-        nargs="+",
+        nargs="*",
         metavar="IMAGE_OR_FOLDER",
         help="image files, and folders whose images (searched in subfolders too) are scored",
     )
@@ -64,7 +66,14 @@ def get_args_parser():
         "--model",
         metavar="PATH",
         default="best_model.pth",
-        help="checkpoint written by model.py (default: %(default)s)",
+        help="checkpoint written by model.py, or its .onnx file; a checkpoint with the .onnx exported "
+        "from it beside it is scored by ONNX Runtime (default: %(default)s)",
+    )
+    add(
+        "--export",
+        action="store_true",
+        help="only export --model (a checkpoint, or the original project's state_dict) as the "
+        "serving engine's network, the .onnx file beside it, and exit (no IMAGE_OR_FOLDER)",
     )
     add(
         "--out",
@@ -89,15 +98,15 @@ def get_args_parser():
     add(
         "--batch-size",
         metavar="N",
-        type=common.positive_int,
+        type=scoring.positive_int,
         default=32,
         help="images per batch (default: %(default)s)",
     )
     add(
         "--workers",
         metavar="N",
-        type=common.non_negative_int,
-        default=min(4, common.available_cores()),
+        type=scoring.non_negative_int,
+        default=min(4, scoring.available_cores()),
         help="image-decoding worker processes; 0 decodes in the main process "
         "(default: one per usable core, at most 4)",
     )
@@ -122,24 +131,24 @@ def image_files(paths):
         elif Path(path).is_file():
             files.append(path)
         elif Path(path).exists():
-            raise common.UserError(f"{path}: not a file or a folder")
+            raise scoring.UserError(f"{path}: not a file or a folder")
         else:
-            raise common.UserError(f"{path}: no such file or folder")
+            raise scoring.UserError(f"{path}: no such file or folder")
     return files
 
 
 def folder_images(folder):
-    """The images below `folder`, found by their file-name endings (common.IMAGE_SUFFIXES, any
+    """The images below `folder`, found by their file-name endings (scoring.IMAGE_SUFFIXES, any
     case), sorted; hidden files and folders are skipped (such as the `._NAME.jpg` files macOS
     leaves beside copied images, which are not images). None is a user error."""
     images = []
     for path in sorted(Path(folder).rglob("*")):
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.suffix.lower() in common.IMAGE_SUFFIXES and not hidden and path.is_file():
+        if path.suffix.lower() in scoring.IMAGE_SUFFIXES and not hidden and path.is_file():
             images.append(str(path))
     if not images:
-        endings = ", ".join(common.IMAGE_SUFFIXES)
-        raise common.UserError(f"{folder}: no images in this folder or below it (looked for {endings})")
+        endings = ", ".join(scoring.IMAGE_SUFFIXES)
+        raise scoring.UserError(f"{folder}: no images in this folder or below it (looked for {endings})")
     return images
 
 
@@ -165,44 +174,49 @@ def make_folder(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise common.UserError(
+        raise scoring.UserError(
             f"{folder}: cannot make this folder for the heat maps ({error.strerror})"
         ) from None
 
 
-# --- decoding, in the DataLoader's worker processes ---------------------------------------------
+# --- decoding, in worker processes ------------------------------------------------------------
 
 
 class Decoded(NamedTuple):
     """One file, decoded: its network input and image facts, or why it cannot be scored."""
 
     index: int  # in the list of files
-    tensor: torch.Tensor | None
+    pixels: np.ndarray | None  # the network's input (scoring.model_input)
     facts: dict | None
     image: Image.Image | None  # kept only to draw its heat map on
     error: str | None
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """The files to score, each decoded by the app's rule (common.decode_image_bytes). A refused
-    file becomes a Decoded with its reason, never an error that would stop the loader."""
+class ImageFiles:
+    """The files to score, each decoded by the app's rule (scoring.decode_image_bytes). A refused
+    file becomes a Decoded with its reason, never an error that would stop the scoring."""
 
     def __init__(self, files, meta, keep_images=False):
         self.files = files
+        self.meta = meta
         self.image_size = meta["image_size"]
-        self.transform = common.checkpoint_transform(meta)
         self.keep_images = keep_images
 
-    def __len__(self):
-        return len(self.files)
+    def batch(self, indices):
+        """(the decoded images' inputs stacked, or None when none decoded; the Decoded items
+        without them): one array crosses from a worker process per batch, not one per image."""
+        items = [self.decoded(index) for index in indices]
+        inputs = [item.pixels for item in items if item.error is None]
+        return (np.stack(inputs) if inputs else None), [item._replace(pixels=None) for item in items]
 
-    def __getitem__(self, index):
+    def decoded(self, index):
         try:
             image = read_image_file(self.files[index], self.image_size)
-        except common.ImageError as error:
+        except scoring.ImageError as error:
             return Decoded(index, None, None, None, str(error))
-        facts = common.image_facts(image, self.image_size)
-        return Decoded(index, self.transform(image), facts, image if self.keep_images else None, None)
+        facts = scoring.image_facts(image, self.image_size)
+        pixels = scoring.model_input(image, self.meta)
+        return Decoded(index, pixels, facts, image if self.keep_images else None, None)
 
 
 def read_image_file(path, image_size):
@@ -210,39 +224,45 @@ def read_image_file(path, image_size):
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise common.ImageError(f"cannot read the file ({error.strerror or error})") from None
-    return common.decode_image_bytes(data, image_size)
+        raise scoring.ImageError(f"cannot read the file ({error.strerror or error})") from None
+    return scoring.decode_image_bytes(data, image_size)
 
 
-def collate(items):
-    """(the decoded images' tensors stacked, or None when none decoded; the items without them):
-    one tensor crosses from a worker process per batch, not one per image."""
-    tensors = [item.tensor for item in items if item.error is None]
-    return (torch.stack(tensors) if tensors else None), [item._replace(tensor=None) for item in items]
+def decoded_batches(image_files, batch_size, workers):
+    """`image_files.batch` of each run of `batch_size` files, in order, decoded by `workers`
+    processes (0: in this one). At most two batches per worker wait decoded ahead of the
+    network, so memory stays bounded however many files there are."""
+    count = len(image_files.files)
+    batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    if workers == 0:
+        yield from map(image_files.batch, batches)
+        return
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(batches))) as pool:
+        waiting = collections.deque()
+        for indices in batches:
+            waiting.append(pool.submit(image_files.batch, indices))
+            if len(waiting) > 2 * workers:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
 
 
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def score_files(files, model, meta, device, batch_size=32, workers=0, heatmaps=None):
+def score_files(files, network, batch_size=32, workers=0, heatmaps=None):
     """The row of each file, in order: the app's answer for it, or the reason it was not scored.
 
     `heatmaps`: one destination per file (heatmap_destinations); each scored image's heat map
     is written there, and its row says where."""
-    rules = common.ScoringRules(meta)
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(files, meta, keep_images=heatmaps is not None),
-        batch_size=batch_size,
-        num_workers=min(workers, math.ceil(len(files) / batch_size)),  # no idle worker processes
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-    )
+    rules = scoring.ScoringRules(network.meta)
+    image_files = ImageFiles(files, network.meta, keep_images=heatmaps is not None)
     rows = []
     with tqdm(
-        total=len(files), unit="img", desc="Scoring", disable=not common.show_progress(), leave=False
+        total=len(files), unit="img", desc="Scoring", disable=not scoring.show_progress(), leave=False
     ) as progress:
-        for images, items in loader:
-            answers = score_batch(model, rules, images, items, device, heatmaps)
+        for images, items in decoded_batches(image_files, batch_size, workers):
+            answers = score_batch(network, rules, images, items, heatmaps)
             for item in items:
                 row = file_row(files[item.index], answers.get(item.index), item.error)
                 if heatmaps is not None:
@@ -252,16 +272,16 @@ def score_files(files, model, meta, device, batch_size=32, workers=0, heatmaps=N
     return rows
 
 
-def score_batch(model, rules, images, items, device, heatmaps=None):
+def score_batch(network, rules, images, items, heatmaps=None):
     """{index in the list of files: the app's answer} for each image of the batch that decoded;
-    with `heatmaps`, their heat maps are written too."""
+    with `heatmaps`, their heat maps (from the same forward pass) are written too."""
     scored = [item for item in items if item.error is None]
     if not scored:
         return {}
-    logits, stage_means = common.network_outputs(model, images, device)
+    logits, stage_means, feature_maps = network.outputs(images)
     answers = rules.answers(logits, stage_means, [item.facts for item in scored])
     if heatmaps is not None:
-        write_heatmaps(model, images, scored, answers, heatmaps, device)
+        write_heatmaps(network, feature_maps, scored, answers, heatmaps)
     return {item.index: answer for item, answer in zip(scored, answers, strict=True)}
 
 
@@ -270,13 +290,13 @@ def file_row(file, answer, error):
     return {"file": file, **{column: (answer or {}).get(column) for column in ANSWER_COLUMNS}, "error": error}
 
 
-def write_heatmaps(model, images, scored, answers, destinations, device):
+def write_heatmaps(network, feature_maps, scored, answers, destinations):
     """The heat map of each scored image for its label, drawn as the app draws it."""
-    labels = [common.CLASS_NAMES.index(answer["label"]) for answer in answers]
-    masks = common.heatmap_masks(model, images.to(device, memory_format=torch.channels_last), labels)
+    labels = [scoring.CLASS_NAMES.index(answer["label"]) for answer in answers]
+    masks = network.heatmaps(feature_maps, labels)
     for item, mask in zip(scored, masks, strict=True):
-        with common.atomic_output(destinations[item.index]) as file:
-            file.write(common.heatmap_png(item.image, mask))
+        with scoring.atomic_output(destinations[item.index]) as file:
+            file.write(scoring.heatmap_png(item.image, mask))
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -313,9 +333,9 @@ def write_output(text, out):
         sys.stdout.write(text)
         return
     try:
-        common.atomic_write_text(out, text)
+        scoring.atomic_write_text(out, text)
     except OSError as error:
-        raise common.UserError(f"{out}: cannot write the predictions ({error.strerror or error})") from None
+        raise scoring.UserError(f"{out}: cannot write the predictions ({error.strerror or error})") from None
 
 
 def report(rows, seconds, device, out):
@@ -334,27 +354,46 @@ def report(rows, seconds, device, out):
     return failed
 
 
-@common.exits_on_user_error
+def export(checkpoint_path):
+    """Write the checkpoint's .onnx file beside it (common.export_onnx)."""
+    import common  # torch: exporting needs the network itself
+
+    onnx_path = scoring.onnx_path_beside(checkpoint_path)
+    try:
+        common.export_onnx(checkpoint_path, onnx_path)
+    except OSError as error:
+        raise scoring.UserError(f"{onnx_path}: cannot write the export ({error.strerror or error})") from None
+    print(f"Exported {checkpoint_path} to {onnx_path}", file=sys.stderr)
+
+
+@scoring.exits_on_user_error
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.export and args.paths:
+        parser.error("--export takes no IMAGE_OR_FOLDER")
+    if args.export:
+        export(args.model)
+        return
+    if not args.paths:
+        parser.error("give at least one IMAGE_OR_FOLDER (or --export)")
     out = args.out or f"predictions.{args.format}"
     # Every input is checked before the slow scoring starts; the predictions are written whole
     # when it ends.
     if out != "-" and Path(out).is_dir():
-        raise common.UserError(f"{out}: is a folder (pass a file name as --out)")
+        raise scoring.UserError(f"{out}: is a folder (pass a file name as --out)")
     files = image_files(args.paths)
     heatmaps = heatmap_destinations(files, args.heatmaps) if args.heatmaps else None
-    device = common.choose_device(args.device)
-    model, meta = common.load_scoring_model(args.model, device)
+    network = engine.load_network(args.model, args.device)
     if heatmaps:
         make_folder(args.heatmaps)
 
     start = time.perf_counter()
-    rows = score_files(files, model, meta, device, args.batch_size, args.workers, heatmaps)
+    rows = score_files(files, network, args.batch_size, args.workers, heatmaps)
     seconds = time.perf_counter() - start
     columns = (*COLUMNS, "heatmap") if heatmaps else COLUMNS
     write_output(rendered(rows, columns, args.format), out)
-    if report(rows, seconds, device, out):
+    if report(rows, seconds, f"{network.engine}, {network.device}", out):
         sys.exit(1)
 
 

@@ -3,10 +3,13 @@
     .venv/bin/python bench/bench_app.py                        # random weights at 384 px
     .venv/bin/python bench/bench_app.py --model best_model.pth # a trained checkpoint
 
-It starts `app.py` on 127.0.0.1 (a free port) as a user would, posts real images one at a time
+It exports the checkpoint for the serving engine (best_model.onnx, in a scratch folder) and
+starts `app.py` on it, on 127.0.0.1 (a free port) as a user would, posts real images one at a time
 (600x450 from ../shared/data/ham10000_sample, 1024x768 to 3008x2000 from large_photos), then
 from several clients at once, and prints p50/p95 latency as the client sees it, requests/s,
-errors, and the server's peak resident memory. Speed does not depend on the weights' values, so
+errors, and the server's peak resident memory. Then, in this process, the model-only forward
+time (batch 1) of eager torch fp32 (the original project's serving path) and of the engine, and
+the ratios of issue 11's targets. Speed does not depend on the weights' values, so
 without --model it serves a random-weight checkpoint. It also prints how far the probabilities of
 the precision the app scores in are from fp32 on real images, for the checkpoint served. It
 prints figures; it never fails on timing.
@@ -27,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import app_harness  # noqa: E402
 import common  # noqa: E402
+import engine  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SMALL_IMAGES = SHARED_DATA / "ham10000_sample" / "images"
@@ -82,14 +86,15 @@ def report_latency(name, results, reference_ms=None):
     return p50
 
 
-def run_benchmark(args, checkpoint):
+def run_benchmark(args, served):
+    """Time the app serving `served` over HTTP: {small_p50, large_p50, requests_per_s, peak_mb}."""
     small, large = read_images(SMALL_IMAGES, args.requests), read_images(LARGE_PHOTOS, args.requests)
-    with app_harness.running_server(checkpoint, "--threads", str(args.threads)) as (url, process):
+    with app_harness.running_server(served, "--threads", str(args.threads)) as (url, process):
         print(f"server: {app_harness.get_json(url, '/healthz')}", flush=True)
         for upload in small[:2] + large[:2]:  # first requests pay one-off costs (connections, caches)
             app_harness.post_file(url, upload)
         small_p50 = report_latency("600x450 (ham10000_sample)", post_sequentially(url, small, args.requests))
-        report_latency(
+        large_p50 = report_latency(
             "1024x768-3008x2000 (large_photos)", post_sequentially(url, large, args.requests), small_p50
         )
         if args.explain:
@@ -101,7 +106,47 @@ def run_benchmark(args, checkpoint):
             f"p50 {statistics.median(s for _, _, s in answers) * 1000:.0f} ms, "
             f"errors {errors}/{args.load_requests}"
         )
-        print(f"server peak memory (VmHWM): {app_harness.peak_memory_mb(process):.0f} MB")
+        peak_mb = app_harness.peak_memory_mb(process)
+        print(f"server peak memory (VmHWM): {peak_mb:.0f} MB")
+    return {
+        "small_p50": small_p50,
+        "large_p50": large_p50,
+        "requests_per_s": args.load_requests / seconds,
+        "peak_mb": peak_mb,
+    }
+
+
+def forward_ms(checkpoint, onnx_path, photo, repeats=30):
+    """Median ms of one model-only forward pass at batch 1 on a 600x450 upload's input: eager
+    torch fp32 on the checkpoint as loaded (the original project's serving path), and the
+    engine on its export, each with all usable cores."""
+    network = engine.OnnxEngine(onnx_path, threads=common.available_cores())
+    model, meta = common.load_checkpoint(checkpoint)
+    batch = network.batch([common.load_image(photo, min_size=meta["image_size"])])
+    tensor = torch.from_numpy(batch)
+
+    @torch.inference_mode()
+    def eager():
+        model(tensor)
+
+    timings = {}
+    for name, step in (("eager", eager), ("engine", lambda: network.outputs(batch))) * 2:  # round 1 warms up
+        timings[name] = statistics.median(timed(step) for _ in range(repeats))
+    return timings
+
+
+def report_targets(served, forward):
+    """Issue 11's targets, as measured in this run."""
+    engine_rate = 1000 / forward["engine"]
+    print(
+        f"model-only forward, batch 1: eager torch fp32 {forward['eager']:.1f} ms, "
+        f"engine {forward['engine']:.1f} ms"
+    )
+    print(f"  600x450 p50 / eager forward:   {served['small_p50'] / forward['eager']:.2f} (target <= 0.70)")
+    print(f"  600x450 p50 / engine forward:  {served['small_p50'] / forward['engine']:.2f} (target <= 1.15)")
+    print(f"  large photos / 600x450 p50:   {served['large_p50'] / served['small_p50']:.2f} (target <= 1.10)")
+    print(f"  requests/s / (1000 / engine ms): {served['requests_per_s'] / engine_rate:.2f} (target >= 0.85)")
+    print(f"  server peak memory: {served['peak_mb']:.0f} MB (target <= 450 MiB = 472 MB)")
 
 
 def answer_overhead(checkpoint, photos, repeats=30):
@@ -161,7 +206,7 @@ def get_args_parser():
     add("--load-requests", type=int, default=100, help="requests in the concurrent run (default: 100)")
     add("--clients", type=int, default=4, help="concurrent clients (default: 4)")
     add("--threads", type=int, default=4, help="the server's --threads (default: 4)")
-    add("--explain", action="store_true", help="also time ?explain=1 (the Grad-CAM heat map)")
+    add("--explain", action="store_true", help="also time ?explain=1 (the heat map)")
     add(
         "--precision-data",
         type=Path,
@@ -188,8 +233,10 @@ def main(argv=None):
         _, meta = common.load_checkpoint(checkpoint)
         weights = meta["weights"] if args.model else "random"
         print(f"{cpu_name()}, torch {torch.__version__}, {meta['image_size']} px, weights: {weights}")
+        onnx_path = common.export_onnx(checkpoint, Path(scratch) / "served.onnx")
         if not args.precision_only:
-            run_benchmark(args, checkpoint)
+            served = run_benchmark(args, onnx_path)
+            report_targets(served, forward_ms(checkpoint, onnx_path, sorted(SMALL_IMAGES.glob("*.jpg"))[0]))
             overhead = answer_overhead(checkpoint, sorted(SMALL_IMAGES.glob("*.jpg"))[:16])
             print(
                 f"model step in-process, batch 1: plain forward {overhead['plain']:.1f} ms, the whole answer "
@@ -200,8 +247,8 @@ def main(argv=None):
             photos = sorted(args.precision_data.glob("*.jpg"))
             if not photos:
                 raise common.UserError(f"{args.precision_data}: no .jpg images here")
-        gap = app_harness.precision_gap(checkpoint, photos)
-        print(f"max |probability - fp32 probability| over {len(photos)} real images: {gap:.5f}")
+        gap = app_harness.precision_gap(checkpoint, photos, onnx_path)
+        print(f"max |probability - fp32 probability| over {len(photos)} real images: {gap:.1e} (target 1e-4)")
 
 
 if __name__ == "__main__":

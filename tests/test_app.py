@@ -36,7 +36,7 @@ import app_harness
 import common
 
 MODEL_FIELDS = {"arch", "image_size", "weights", "trained_at", "calibrated", "melanoma_share"}
-MODEL_FIELDS |= {"can_flag_images"}
+MODEL_FIELDS |= {"can_flag_images", "engine"}
 ANSWER_FIELDS = {"label", "probability", "threshold", "model", "warnings", "timing_ms", "calibrated"}
 ANSWER_FIELDS |= {"reliable", "reasons", "ood_score", "ood_threshold"}
 
@@ -116,6 +116,7 @@ def test_healthz_reports_the_model(client):
     assert answer["model"]["image_size"] == TINY_IMAGE_SIZE
     assert answer["threshold"] == 0.5
     assert answer["precision"] == "fp32"
+    assert answer["model"]["engine"] == answer["engine"] == "torch"  # no .onnx beside this checkpoint
 
 
 @pytest.mark.parametrize("path", [SMALL_JPEG, HAM_JPEG, LARGE_JPEG], ids=["300x225", "600x450", "3008x2000"])
@@ -276,7 +277,7 @@ def test_flask_errors_are_json_too(client):
 
 
 def test_an_unexpected_failure_is_a_json_500_without_details(client, flask_app, monkeypatch):
-    def broken(image):
+    def broken(image, explain=False):
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(flask_app.extensions["predictor"], "answer", broken)

@@ -91,6 +91,7 @@ def test_each_row_is_the_apps_answer_for_the_same_file(trusted_checkpoint, photo
     client = app.create_app(trusted_checkpoint).test_client()
     for path, row in zip(photos, rows, strict=True):
         answer = app_answer(client, path)
+        assert answer["model"]["engine"] == "onnxruntime"  # best_model.onnx beside the checkpoint
         assert set(predict.ANSWER_COLUMNS) == set(answer) - {"model", "timing_ms"}
         assert row["probability"] == pytest.approx(answer["probability"], abs=1e-6), path.name
         assert row["ood_score"] == pytest.approx(answer["ood_score"], rel=1e-6), path.name

@@ -1,0 +1,134 @@
+"""The serving engine (engine.py, scoring.py): torch's input, answers and heat maps, without torch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, ROOT, SMALL_JPEG, make_random_checkpoint
+
+import app_harness
+import common
+import engine
+import scoring
+
+PHOTOS = [SMALL_JPEG, HAM_JPEG, LARGE_JPEG, *sorted((HAM_SAMPLE / "images").glob("*.jpg"))[1:6]]
+
+
+@pytest.fixture(scope="module")
+def served(trusted_checkpoint):
+    """(the engine on the trusted checkpoint's .onnx, the folded torch network, its metadata)."""
+    network, meta = common.load_scoring_model(trusted_checkpoint)
+    return engine.OnnxEngine(common.onnx_path_beside(trusted_checkpoint)), network, meta
+
+
+def grad_cam_masks(model, images, labels):
+    """pytorch_grad_cam's Grad-CAM of a normalised batch on the last stage, each image for its label
+    (what the app drew before the engine)."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = GradCAM(model=model, target_layers=[model.efficientnet.features[-1]])
+    try:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(label) for label in labels])
+    finally:
+        cam.activations_and_grads.release()
+
+
+def decoded(photos, image_size):
+    return [common.load_image(photo, min_size=image_size) for photo in photos]
+
+
+@pytest.mark.parametrize("image_size", [64, 384])
+def test_model_input_is_torchvisions_transform(image_size):
+    meta = common.checkpoint_metadata(image_size=image_size)
+    transform = common.checkpoint_transform(meta)
+    for image in [*decoded(PHOTOS[:3], image_size), common.load_image(SMALL_JPEG).rotate(90, expand=True)]:
+        np.testing.assert_allclose(
+            scoring.model_input(image, meta), transform(image).numpy(), rtol=0, atol=1e-6
+        )
+
+
+def test_engine_answers_as_torch_does(served):
+    onnx_engine, network, meta = served
+    images = decoded(PHOTOS, meta["image_size"])
+    facts = [common.image_facts(image, meta["image_size"]) for image in images]
+    logits, stage_means, _ = onnx_engine.outputs(onnx_engine.batch(images))
+    ours = common.ScoringRules(onnx_engine.meta).answers(logits, stage_means, facts)
+    batch = torch.stack([common.checkpoint_transform(meta)(image) for image in images])
+    torch_logits, torch_stage_means = common.network_outputs(network, batch, torch.device("cpu"))
+    theirs = common.ScoringRules(meta).answers(torch_logits, torch_stage_means, facts)
+    for one, other in zip(ours, theirs, strict=True):
+        assert one["probability"] == pytest.approx(other["probability"], abs=1e-4)
+        assert one["ood_score"] == pytest.approx(other["ood_score"], rel=1e-3)
+        for field in ("label", "threshold", "calibrated", "reliable", "reasons", "warnings"):
+            assert one[field] == other[field], field
+
+
+def test_heat_map_is_grad_cam(served):
+    """The class activation map from the engine's forward pass is pytorch_grad_cam's Grad-CAM."""
+    onnx_engine, network, meta = served
+    images = decoded(PHOTOS[:4], meta["image_size"])
+    batch = onnx_engine.batch(images)
+    _, _, feature_maps = onnx_engine.outputs(batch)
+    for label in (common.MELANOMA, common.NON_MELANOMA):
+        labels = [label] * len(images)
+        ours = onnx_engine.heatmaps(feature_maps, labels)
+        theirs = grad_cam_masks(network, torch.from_numpy(batch), labels)
+        assert ours.shape == theirs.shape
+        for one, other in zip(ours, theirs, strict=True):
+            assert one.min() >= 0 and one.max() <= 1
+            if other.max() == 0:  # no channel speaks for this label anywhere: both maps are empty
+                assert one.max() == 0
+            else:
+                assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
+
+
+def test_a_checkpoint_is_served_by_the_export_of_that_very_file(trusted_checkpoint, tmp_path):
+    onnx_path = common.onnx_path_beside(trusted_checkpoint)
+    assert isinstance(engine.load_network(trusted_checkpoint), engine.OnnxEngine)
+    assert isinstance(engine.load_network(onnx_path), engine.OnnxEngine)
+    # Retrained since the export: the .onnx beside it is stale, and torch scores the checkpoint.
+    retrained = make_random_checkpoint(tmp_path / "best_model.pth")
+    shutil.copy(onnx_path, tmp_path / "best_model.onnx")
+    assert isinstance(engine.load_network(retrained), common.TorchNetwork)
+
+
+def test_a_missing_or_foreign_onnx_file_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(common.CheckpointError, match="not found"):
+        engine.load_network(tmp_path / "best_model.onnx")
+    (tmp_path / "notes.onnx").write_text("not a network")
+    with pytest.raises(common.CheckpointError, match="not a network exported"):
+        engine.load_network(tmp_path / "notes.onnx")
+
+
+def test_an_onnx_file_is_served_without_torch(trusted_checkpoint, tmp_path):
+    """The real server and predict.py, given the .onnx file: answers with heat maps, and no torch
+    in the process (no torch library mapped into the server; `torch` not in predict.py's
+    sys.modules)."""
+    onnx_path = common.onnx_path_beside(trusted_checkpoint)
+    with app_harness.running_server(onnx_path, "--threads", "2") as (url, process):
+        status, answer, _ = app_harness.post_file(url, SMALL_JPEG.read_bytes(), explain=True)
+        assert status == 200 and answer["model"]["engine"] == "onnxruntime" and answer["heatmap"]
+        assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()
+
+    out = tmp_path / "predictions.csv"
+    argv = [str(ROOT / "predict.py"), SMALL_JPEG, HAM_JPEG, "--model", onnx_path, "--out", out]
+    argv += ["--heatmaps", tmp_path / "heatmaps", "--workers", "1"]
+    result = run_python(
+        f"import runpy, sys\nsys.argv = {list(map(str, argv))!r}\n"
+        f"try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        f"finally:\n    print('torch' in sys.modules)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert len(list((tmp_path / "heatmaps").glob("*.png"))) == 2
+
+
+def run_python(code):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
