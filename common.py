@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import scipy.special
 import torch
 import torchvision
 from PIL import Image, ImageFile, ImageOps
