@@ -47,6 +47,7 @@ from scoring import (
     MAX_ASPECT_RATIO,
     MAX_IMAGE_PIXELS,
     MELANOMA,
+    MELANOMA_DIAGNOSIS,
     MIN_IMAGE_SIDE,
     NON_MELANOMA,
     NOT_A_LESION,
@@ -55,6 +56,7 @@ from scoring import (
     QUALITY_PERCENTILE,
     QUALITY_STATISTICS,
     QUALITY_WARNINGS,
+    UNKNOWN_DIAGNOSIS,
     ArgumentParser,
     CheckpointError,
     ImageError,
@@ -73,11 +75,13 @@ from scoring import (
     exits_on_user_error,
     file_sha256,
     fraction,
+    heatmap_outputs,
     heatmap_png,
     image_facts,
     load_image,
     mahalanobis_distances,
     melanoma_log_odds,
+    melanoma_output,
     melanoma_probability,
     model_input,
     non_negative_float,
@@ -136,6 +140,7 @@ class ManifestRow(NamedTuple):
     source_image: str
     lesion_id: str | None
     augmented: bool
+    diagnosis: str = UNKNOWN_DIAGNOSIS  # lower-case code (HAM10000's dx), for model.py --targets diagnosis
 
 
 MANIFEST_COLUMNS = ManifestRow._fields
@@ -168,6 +173,7 @@ def read_manifest(path):
 
 
 def parsed_manifest_row(row):
+    """One row; a manifest written before diagnoses were recorded has none ('unknown')."""
     return ManifestRow(
         split=row["split"],
         file=row["file"],
@@ -175,6 +181,7 @@ def parsed_manifest_row(row):
         source_image=row["source_image"],
         lesion_id=row["lesion_id"],
         augmented={"yes": True, "no": False}[row["augmented"]],
+        diagnosis=(row.get("diagnosis") or UNKNOWN_DIAGNOSIS).strip().lower(),
     )
 
 
@@ -256,20 +263,21 @@ class WeightsUnavailable(UserError):
 
 
 class SkinLesionModel(nn.Module):
-    """torchvision EfficientNetV2-S with a two-class head (the dropout before it is kept).
+    """torchvision EfficientNetV2-S with a two-class head, or one output per diagnosis
+    (`num_classes`); the dropout before it is kept.
 
     The backbone sits in the attribute `efficientnet`, as in the original project, so its
     bare state_dicts still load (see `load_checkpoint`).
     """
 
-    def __init__(self, weights="none", dropout=0.2):
+    def __init__(self, weights="none", dropout=0.2, num_classes=2):
         super().__init__()
         self.efficientnet = torchvision.models.efficientnet_v2_s()
         if weights != "none":
             self.efficientnet.load_state_dict(imagenet_state_dict(weights))
         in_features = self.efficientnet.classifier[1].in_features
         self.efficientnet.classifier = nn.Sequential(
-            nn.Dropout(p=dropout, inplace=True), nn.Linear(in_features, len(CLASS_NAMES))
+            nn.Dropout(p=dropout, inplace=True), nn.Linear(in_features, num_classes)
         )
 
     def forward(self, x):
@@ -522,11 +530,14 @@ def checkpoint_metadata(
 ):
     """The plain metadata stored beside the weights (DESIGN.md, "Checkpoint").
 
-    `extra` adds further plain values (str, numbers, lists, dicts), e.g. the threshold rule.
+    `extra` adds further plain values (str, numbers, lists, dicts), e.g. the threshold rule, or
+    `targets` "diagnosis" with the head's `diagnoses` (its outputs, in order). `class_names` stay
+    the two answers every stage gives, whatever the head.
     """
     return {
         "arch": ARCH,
         "class_names": list(CLASS_NAMES),
+        "targets": "melanoma",
         "image_size": int(image_size),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
@@ -576,15 +587,21 @@ def load_checkpoint(path, device="cpu"):
             "trained_at": None,
         }
         state = original_state_dict_to_ours(saved)
-    model = SkinLesionModel()
+    outputs = head_size(meta)
+    model = SkinLesionModel(num_classes=outputs)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(
-            f"{path}: weights do not fit EfficientNetV2-S with 2 classes ({first_line})"
+            f"{path}: weights do not fit EfficientNetV2-S with {outputs} outputs ({first_line})"
         ) from None
     return model_for_inference(model, device), meta
+
+
+def head_size(meta):
+    """Outputs of the checkpoint's head: one per diagnosis (`diagnoses`), else melanoma or not."""
+    return len(meta.get("diagnoses") or CLASS_NAMES)
 
 
 def original_state_dict_to_ours(state):

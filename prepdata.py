@@ -52,6 +52,7 @@ class Record:
     label: int
     lesion_id: str | None = None
     source: Path | None = None
+    diagnosis: str = common.UNKNOWN_DIAGNOSIS
 
 
 class SplitFractions(argparse.Action):
@@ -214,13 +215,20 @@ def read_records(args):
     columns, rows = read_csv_rows(args.csv)
     labels = unique_labels(labelled_rows(args.csv, columns, rows))
     lesions = lesion_ids(args, columns, rows)
+    diagnoses = diagnoses_of(args, columns, rows)
     files = find_image_files(args.images)
     missing = sorted(image_id for image_id in labels if image_id not in files)
     report_ids(
         "Missing images", missing, f"of {len(labels)} in {args.csv.name} not in {args.images}: skipped"
     )
     records = [
-        Record(image_id, label, lesions.get(image_id), files[image_id])
+        Record(
+            image_id,
+            label,
+            lesions.get(image_id),
+            files[image_id],
+            diagnosis_for(label, diagnoses.get(image_id)),
+        )
         for image_id, label in sorted(labels.items())
         if image_id in files
     ]
@@ -339,6 +347,46 @@ def lesion_ids(args, columns, rows):
     }
 
 
+# Diagnosis columns of a one-hot ground truth: ISIC 2018 / Kaggle HAM10000 (akiec) and ISIC 2019
+# (ak, scc, unk). Lower-case, as read_csv_rows gives the header.
+ONE_HOT_DIAGNOSES = ("mel", "nv", "bcc", "akiec", "ak", "bkl", "df", "vasc", "scc", "unk")
+
+
+def diagnoses_of(args, columns, rows):
+    """{image id: diagnosis code} from the label CSV's one-hot columns or dx, else from the
+    metadata's dx; {} when no source has them (every image's diagnosis is then 'unknown')."""
+    one_hot = [name for name in ONE_HOT_DIAGNOSES if name in columns and name != "mel"]
+    if one_hot:
+        return {image_id(row): one_hot_diagnosis(row, ["mel", *one_hot]) for _, row in rows}
+    if "dx" in columns:
+        return {image_id(row): row.get("dx", "").lower() for _, row in rows}
+    path = args.metadata or metadata_beside(args.csv)
+    if path is None or path == args.csv:
+        return {}
+    columns, rows = read_csv_rows(path)
+    return {image_id(row): row.get("dx", "").lower() for _, row in rows} if "dx" in columns else {}
+
+
+def image_id(row):
+    return strip_image_suffix(row.get("image_id") or row.get("image", ""))
+
+
+def one_hot_diagnosis(row, names):
+    """The one column holding 1 (ISIC's 'unk' is an unknown diagnosis); none or several: unknown."""
+    marked = [name for name in names if row.get(name, "") in ("1", "1.0")]
+    return marked[0] if len(marked) == 1 and marked[0] != "unk" else common.UNKNOWN_DIAGNOSIS
+
+
+def diagnosis_for(label, diagnosis):
+    """The label decides melanoma: a melanoma is 'mel' whatever else is recorded, and another
+    lesion recorded as 'mel' (a metadata file that disagrees with the labels) is 'unknown'."""
+    if label == common.MELANOMA:
+        return common.MELANOMA_DIAGNOSIS
+    if not diagnosis or diagnosis == common.MELANOMA_DIAGNOSIS:
+        return common.UNKNOWN_DIAGNOSIS
+    return diagnosis
+
+
 def metadata_beside(csv_path):
     found = [csv_path.parent / name for name in METADATA_NAMES if (csv_path.parent / name).is_file()]
     return found[0] if found else None
@@ -375,7 +423,13 @@ def stage_images(records, staging, args):
     if len(unreadable) == len(records):
         raise common.UserError(f"none of the {len(records)} images could be read (see the list above)")
     return [
-        Record(record.image_id, record.label, record.lesion_id, staging / f"{record.image_id}.jpg")
+        Record(
+            record.image_id,
+            record.label,
+            record.lesion_id,
+            staging / f"{record.image_id}.jpg",
+            record.diagnosis,
+        )
         for record in records
         if not errors[record.source]
     ]
@@ -472,7 +526,9 @@ def place_originals(splits, tree):
 
 
 def manifest_row(split, file, record, augmented):
-    return common.ManifestRow(split, file, record.label, record.image_id, record.lesion_id, augmented)
+    return common.ManifestRow(
+        split, file, record.label, record.image_id, record.lesion_id, augmented, record.diagnosis
+    )
 
 
 def write_augmented_copies(train, folder, args):
@@ -622,6 +678,11 @@ def print_summary(manifest, lesions_known):
         print(
             f"{name:<6} {len(rows):>7} {lesions:>8} {melanoma:>9} {len(rows) - melanoma:>13} {augmented:>10}"
         )
+    originals = Counter(row.diagnosis for row in manifest if row.split == "train" and not row.augmented)
+    print(
+        "Diagnoses of train/ (original images): "
+        + ", ".join(f"{name} {count}" for name, count in sorted(originals.items()))
+    )
 
 
 if __name__ == "__main__":

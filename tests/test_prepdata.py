@@ -317,6 +317,67 @@ def test_metadata_csv_gives_labels_from_dx_and_lesion_ids(tmp_path):
     assert all(row["lesion_id"] for row in read_manifest(out))
 
 
+def sample_diagnoses():
+    """{image_id: dx} of the bundled sample's HAM10000 metadata."""
+    with open(SAMPLE / "HAM10000_metadata.csv", newline="") as file:
+        return {row["image_id"]: row["dx"] for row in csv.DictReader(file)}
+
+
+def diagnoses_written(out):
+    return {row["source_image"]: row["diagnosis"] for row in read_manifest(out)}
+
+
+def test_every_image_keeps_its_diagnosis_from_one_hot_columns_or_dx(sample_tree, tmp_path):
+    expected = sample_diagnoses()
+    assert len(set(expected.values())) > 2  # the sample holds several diagnoses
+    assert diagnoses_written(sample_tree[0]) == expected  # GroundTruth.csv's one-hot columns
+    out = tmp_path / "from_dx"
+    prepare(out, csv_path=SAMPLE / "HAM10000_metadata.csv")
+    assert diagnoses_written(out) == expected
+    assert "Diagnoses of train/ (original images): " in sample_tree[1]
+
+
+def test_diagnoses_come_from_the_metadata_when_the_labels_have_only_mel(tmp_path):
+    header, *rows = sample_rows()
+    with open(tmp_path / "labels.csv", "w", newline="") as file:
+        csv.writer(file).writerows([header[:2], *(row[:2] for row in rows)])
+    out = tmp_path / "prepared"
+    prepare(out, "--metadata", SAMPLE / "HAM10000_metadata.csv", csv_path=tmp_path / "labels.csv")
+    assert diagnoses_written(out) == sample_diagnoses()
+
+
+def test_without_any_diagnosis_source_every_diagnosis_is_unknown_but_melanoma(tmp_path):
+    header, *rows = sample_rows()
+    with open(tmp_path / "labels.csv", "w", newline="") as file:
+        csv.writer(file).writerows([header[:2], *(row[:2] for row in rows)])
+    out = tmp_path / "prepared"
+    prepare(out, csv_path=tmp_path / "labels.csv")
+    written = read_manifest(out)
+    assert {row["diagnosis"] for row in written if row["label"] == "1"} == {"mel"}
+    assert {row["diagnosis"] for row in written if row["label"] == "0"} == {"unknown"}
+
+
+def test_isic_2019_unk_and_rows_marking_no_diagnosis_are_unknown(tmp_path):
+    header, *rows = sample_rows()
+    nevus = next(row for row in rows if row[header.index("NV")] == "1.0")
+    nevus[header.index("NV")] = "0.0"
+    with open(tmp_path / "labels.csv", "w", newline="") as file:
+        csv.writer(file).writerows([[*header, "UNK"], *([*row, "0.0"] for row in rows)])
+    out = tmp_path / "prepared"
+    prepare(out, "--metadata", SAMPLE / "HAM10000_metadata.csv", csv_path=tmp_path / "labels.csv")
+    written = diagnoses_written(out)
+    assert written[nevus[0]] == "unknown"
+    assert sum(value == "unknown" for value in written.values()) == 1
+
+
+def test_a_manifest_without_diagnoses_reads_as_unknown(tmp_path):
+    (tmp_path / "manifest.csv").write_text(
+        "split,file,label,source_image,lesion_id,augmented\ntrain,nomel_a.jpg,0,a,,no\n"
+    )
+    (row,) = common.read_manifest(tmp_path / "manifest.csv")
+    assert row.diagnosis == common.UNKNOWN_DIAGNOSIS
+
+
 def test_missing_corrupt_and_truncated_images_are_skipped_and_reported(tmp_path, writable_copy):
     images = writable_copy(SAMPLE / "images")
     missing, corrupt, truncated = sorted(sample_labels())[:3]
