@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import classification_report
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 from tqdm import tqdm
@@ -54,11 +56,22 @@ PRESETS = {
         "monitor": "loss",
         "class_weights": "none",
         "threshold": 0.5,
+        "targets": "melanoma",
+        "ema_decay": 0.0,
+        "progressive_from": 0,
     }
 }
 
 # What `--resume` may change: where things are and how fast they run, never what is computed.
-CHANGEABLE_ON_RESUME = ("data", "out", "workers", "device", "resume", "ood_flag_rate")
+CHANGEABLE_ON_RESUME = ("data", "out", "workers", "device", "resume", "ood_flag_rate", "time_budget")
+
+# A run interrupted before these settings existed resumed as it was trained: without them.
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "targets": "melanoma",
+    "ema_decay": 0.0,
+    "progressive_from": 0,
+    "time_budget": 0,
+}
 
 # Independent random streams derived from --seed (see `derived_seed`).
 AUGMENTATION_STREAM, TRAINING_STREAM = 1, 2
@@ -77,6 +90,14 @@ def threshold_setting(text):
         raise argparse.ArgumentTypeError(f"must be 'auto' or a number in [0, 1], not {text!r}") from None
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return value
+
+
+def ema_decay(text):
+    """A decay in [0, 1): 0 turns the average off, 1 would never move from the first weights."""
+    value = common.non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0 turns the average off), not {text}")
     return value
 
 
@@ -130,6 +151,38 @@ def get_args_parser():
         choices=("balanced", "none"),
         default="balanced",
         help="balanced: weight the loss by inverse class frequency of train/ (no effect on balanced data)",
+    )
+    add(
+        "--targets",
+        choices=("melanoma", "diagnosis"),
+        default="diagnosis",
+        help="melanoma: a two-class head; diagnosis: one output per diagnosis in train/ (manifest.csv), "
+        "the melanoma probability being the melanoma output's softmax probability (falls back to "
+        "melanoma, with a notice, when the tree records fewer than two other diagnoses)",
+    )
+    add(
+        "--ema-decay",
+        type=ema_decay,
+        default=0.998,
+        help="exponential moving average of the weights, updated every optimiser step with this "
+        "decay; validated beside the weights each epoch, and saved as the best checkpoint when it is "
+        "better (0: off)",
+    )
+    add(
+        "--progressive-from",
+        type=common.non_negative_int,
+        default=0,
+        metavar="PX",
+        help="progressive resizing: train the first epoch at PX pixels, growing linearly (in steps "
+        "of 16) to --image-size at the last epoch, with augmentation strength growing alike (0: off)",
+    )
+    add(
+        "--time-budget",
+        type=common.non_negative_float,
+        default=0,
+        metavar="MINUTES",
+        help="end training cleanly before an epoch that would end after this many minutes of "
+        "training (estimated from the last epoch), then fit, export and test as usual (0: no limit)",
     )
     add(
         "--augmentation",
@@ -204,7 +257,7 @@ def explicit_settings(args, parser):
 
 def settings_for_resume(args, parser, saved):
     """The interrupted run's settings; this command line may change only CHANGEABLE_ON_RESUME."""
-    merged = dict(saved)
+    merged = {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
     for name, value in explicit_settings(args, parser).items():
         if name in CHANGEABLE_ON_RESUME:
             merged[name] = value
@@ -285,20 +338,28 @@ class RandomQuarterTurn:
         return image if turn is None else image.transpose(turn)
 
 
-def train_transform(image_size, augmentation="ours"):
+@functools.lru_cache(maxsize=64)  # one per (size, strength) of a run: built once per worker
+def train_transform(image_size, augmentation="ours", strength=1.0):
     """Online training augmentation; it adds nothing real images lack (no black-filled corners).
 
     Both start from the eval transform's square resize, so lesions keep the proportions they will
     have when scored. Ours leaves hue alone: colour (blue-white veil, red, brown) is a melanoma
-    clue, and PIL's hue shift costs more than the rest of the augmentation together.
+    clue, and PIL's hue shift costs more than the rest of the augmentation together. Its
+    `strength` in [0, 1] (progressive resizing: weak on small images, full at the final size, as
+    EfficientNetV2's progressive learning does) takes the smallest crop from 80% to 50% of the
+    image and the colour jitter from 0.1 to 0.2.
     """
     square = transforms.Resize((image_size, image_size), antialias=True)
     if augmentation == "original":
         geometry = [square]
         colour = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1)
     else:
-        geometry = [square, transforms.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True)]
-        colour = transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
+        smallest_crop, jitter = 0.8 - 0.3 * strength, 0.1 + 0.1 * strength
+        geometry = [
+            square,
+            transforms.RandomResizedCrop(image_size, scale=(smallest_crop, 1.0), antialias=True),
+        ]
+        colour = transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)
     return transforms.Compose(
         [
             *geometry,
@@ -319,21 +380,48 @@ class EpochTaggedSampler(DistributedSampler):
         return ((self.epoch, index) for index in super().__iter__())
 
 
-class ReproducibleAugmentation(Dataset):
-    """Each image's random augmentation depends only on (seed, epoch, index): a resumed run, and
-    any number of loader workers or processes, get the same augmented version of each image."""
+def epoch_image_size(args, epoch):
+    """The training size of `epoch` (0-based): --image-size, or under --progressive-from a size
+    growing linearly from that one at the first epoch to --image-size at the last, in steps of
+    16 pixels (EfficientNetV2's progressive learning)."""
+    if not args.progressive_from or args.epochs == 1 or epoch >= args.epochs - 1:
+        return args.image_size
+    share = epoch / (args.epochs - 1)
+    size = args.progressive_from + share * (args.image_size - args.progressive_from)
+    return max(16, 16 * round(size / 16))
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+
+def augmentation_strength(args, size):
+    """1 at --image-size; under progressive resizing, from 0 at the first size up to 1."""
+    if not args.progressive_from or args.progressive_from == args.image_size:
+        return 1.0
+    share = (size - args.progressive_from) / (args.image_size - args.progressive_from)
+    return float(min(1.0, max(0.0, share)))
+
+
+class ReproducibleAugmentation(Dataset):
+    """train/'s images with their training targets, augmented for the epoch. Each image's random
+    augmentation depends only on (seed, epoch, index), and its size (progressive resizing) only
+    on the epoch: a resumed run, and any number of loader workers or processes, get the same
+    augmented version of each image."""
+
+    def __init__(self, images, targets, args):
+        self.images, self.targets, self.args = images, targets, args
+
+    @property
+    def labels(self):
+        return self.images.labels
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.images)
 
     def __getitem__(self, key):
         epoch, index = key
+        size = epoch_image_size(self.args, epoch)
+        transform = train_transform(size, self.args.augmentation, augmentation_strength(self.args, size))
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-            torch.manual_seed(derived_seed(self.seed, AUGMENTATION_STREAM, epoch, index))
-            return self.dataset[index]
+            torch.manual_seed(derived_seed(self.args.seed, AUGMENTATION_STREAM, epoch, index))
+            return transform(common.load_image(self.images.paths[index])), self.targets[index]
 
 
 def make_loader(dataset, args, runtime, sampler=None):
@@ -347,15 +435,87 @@ def make_loader(dataset, args, runtime, sampler=None):
     )
 
 
-def train_loader(args, runtime):
-    images = common.SkinLesionDataset(
-        Path(args.data) / "train", train_transform(args.image_size, args.augmentation)
-    )
+def train_loader(args, runtime, head):
+    images = common.SkinLesionDataset(Path(args.data) / "train", transform=None)
     if len(set(images.labels)) < 2:
         raise common.UserError(f"{args.data}/train: needs both mel_ and nomel_ images to learn anything")
     # drop_last=False pads each process's share to the same length: DDP needs equal step counts.
     sampler = EpochTaggedSampler(images, runtime.world_size, runtime.rank, shuffle=True, seed=args.seed)
-    return make_loader(ReproducibleAugmentation(images, args.seed), args, runtime, sampler)
+    dataset = ReproducibleAugmentation(images, head.targets(images.paths, images.labels), args)
+    return make_loader(dataset, args, runtime, sampler)
+
+
+# --- what the head learns: melanoma or not, or every diagnosis ------------------------------------
+
+
+@dataclass
+class Head:
+    """The classifier's outputs: melanoma or not (`diagnoses` None), or one output per diagnosis
+    of train/ (sorted codes, 'mel' among them); `by_file` maps each training file to its code."""
+
+    diagnoses: list | None = None
+    by_file: dict = field(default_factory=dict)
+
+    @property
+    def size(self):
+        return len(self.diagnoses) if self.diagnoses else len(common.CLASS_NAMES)
+
+    @property
+    def melanoma(self):
+        return common.melanoma_output({"diagnoses": self.diagnoses})
+
+    @property
+    def targets_name(self):
+        return "diagnosis" if self.diagnoses else "melanoma"
+
+    def targets(self, paths, labels):
+        """Each training image's target: its label, or the index of its diagnosis."""
+        if not self.diagnoses:
+            return list(labels)
+        return [
+            self.diagnoses.index(self.diagnosis(path, label))
+            for path, label in zip(paths, labels, strict=True)
+        ]
+
+    def diagnosis(self, path, label):
+        if label == common.MELANOMA:  # the file name decides melanoma, as in every stage
+            return common.MELANOMA_DIAGNOSIS
+        recorded = self.by_file.get(Path(path).name, common.UNKNOWN_DIAGNOSIS)
+        return common.UNKNOWN_DIAGNOSIS if recorded == common.MELANOMA_DIAGNOSIS else recorded
+
+    def metadata(self):
+        return {"targets": self.targets_name, "diagnoses": self.diagnoses}
+
+
+def choose_head(args, runtime):
+    """The head --targets asks for, when manifest.csv records enough diagnoses for it: at least
+    two other than melanoma among train/'s non-melanoma images (else a two-class head, with a
+    notice). Images without a recorded diagnosis learn an 'unknown' output of their own."""
+    if args.targets == "melanoma":
+        return Head()
+    manifest = Path(args.data) / common.MANIFEST_FILE
+    by_file = {}
+    if manifest.is_file():
+        by_file = {row.file: row.diagnosis for row in common.read_manifest(manifest) if row.split == "train"}
+    images = common.list_prepared_images(Path(args.data) / "train")
+    head = Head(by_file=by_file)
+    found = Counter(head.diagnosis(path, label) for path, label in images)
+    others = set(found) - {common.MELANOMA_DIAGNOSIS, common.UNKNOWN_DIAGNOSIS}
+    if len(others) < 2:
+        source = f"{manifest} records" if manifest.is_file() else f"there is no {manifest}, so it records"
+        runtime.log(
+            f"Note: --targets diagnosis needs at least two diagnoses besides melanoma in train/, and "
+            f"{source} {len(others)}: training melanoma against the rest (--targets melanoma)."
+        )
+        return Head()
+    head.diagnoses = sorted(found)
+    unknown = found.get(common.UNKNOWN_DIAGNOSIS, 0)
+    runtime.log(
+        f"Diagnosis head: {', '.join(f'{name} {found[name]}' for name in head.diagnoses)} training images"
+        + (f" ({unknown} without a recorded diagnosis learn 'unknown')" if unknown else "")
+        + "."
+    )
+    return head
 
 
 def eval_loader(folder, args, runtime):
@@ -418,12 +578,14 @@ def gather_scores(scores, runtime):
     return gathered
 
 
-def score_split(model, loader, device, description="Scoring", show_progress=True):
-    """Uncalibrated scores of a split (during training there is no calibration yet), in fp32."""
+def score_split(model, loader, device, melanoma, description="Scoring", show_progress=True):
+    """Uncalibrated scores of a split (during training there is no calibration yet), in fp32;
+    `melanoma` is the head's melanoma output."""
     model = getattr(model, "module", model).eval()  # the bare model: no DDP collectives while scoring
     scores = Scores()
     for images, labels in tqdm(loader, description, leave=False, disable=not show_progress):
-        probabilities = common.melanoma_probability(common.network_outputs(model, images, device)[0])
+        logits = common.network_outputs(model, images, device)[0]
+        probabilities = common.melanoma_probability(logits, melanoma=melanoma)
         labels = labels.numpy()
         scores.add(labels, probabilities, metrics.cross_entropy(labels, probabilities))
     return scores
@@ -554,7 +716,7 @@ def fit_scoring_rules(best_path, args, device):
     )
     train = score(common.ScoringDataset(data / "train", meta, originals_only=True), description="Train")
     val = score(common.ScoringDataset(data / "val", meta), description="Validation")
-    log_odds = common.melanoma_log_odds(val.logits)
+    log_odds = common.melanoma_log_odds(val.logits, common.melanoma_output(meta))
     calibration, not_calibrated = fit_calibration(val.labels, log_odds)
     raw = common.shown_probability(log_odds)
     calibrated = common.shown_probability(log_odds, calibration)
@@ -631,7 +793,9 @@ def accumulation_groups(num_samples, batch_size, accumulation_steps):
 
 @dataclass
 class Trainer:
-    """One model's optimisation: accumulated steps, mixed precision, an optional per-step schedule."""
+    """One model's optimisation: accumulated steps, mixed precision, an optional per-step schedule,
+    an optional moving average of the weights. `melanoma` is the head's melanoma output: the
+    loader's targets are labels or diagnoses, and the scores are always melanoma or not."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -642,6 +806,8 @@ class Trainer:
     step_scheduler: LambdaLR | None = None
     scaler: torch.amp.GradScaler = None
     memory_format: torch.memory_format = torch.channels_last  # faster convolutions on CPU and GPU
+    melanoma: int = common.MELANOMA
+    ema: AveragedModel | None = None
 
     def __post_init__(self):
         if self.scaler is None:
@@ -656,19 +822,20 @@ class Trainer:
         groups = accumulation_groups(len(loader.sampler), loader.batch_size, self.accumulation_steps)
         scores = Scores()
         bar = tqdm(loader, description, disable=not show_progress)
-        for index, (images, labels) in enumerate(bar):
+        for index, (images, targets) in enumerate(bar):
             group = index // self.accumulation_steps
             ends_group = index + 1 == min((group + 1) * self.accumulation_steps, len(loader))
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            labels = labels.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
             with self.gradient_sync(ends_group):
                 with common.autocast(self.device, self.amp_dtype):
                     logits = self.model(images)
-                losses = F.cross_entropy(logits.float(), labels, weight=self.class_weights, reduction="none")
+                losses = F.cross_entropy(logits.float(), targets, weight=self.class_weights, reduction="none")
                 self.scaler.scale(losses.sum() / groups[group]).backward()
             if ends_group:
                 self.step()
-            probabilities = torch.softmax(logits.detach().float(), dim=1)[:, common.MELANOMA]
+            probabilities = torch.softmax(logits.detach().float(), dim=1)[:, self.melanoma]
+            labels = (targets == self.melanoma).long()
             scores.add(labels.cpu(), probabilities.cpu(), losses.detach().cpu())
             bar.set_postfix(
                 loss=f"{scores.loss():.4f}", acc_at_half=f"{100 * scores.accuracy_at_half():.1f}%"
@@ -687,14 +854,31 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.step_scheduler is not None:
             self.step_scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(getattr(self.model, "module", self.model))
 
 
-def class_weights(labels, mode, device):
-    """Inverse class frequency ('balanced'), mean weight 1: a no-op on balanced training data."""
+def class_weights(labels, mode, device, head):
+    """Inverse frequency of melanoma and non-melanoma in train/ ('balanced'), mean weight 1 over
+    the images: a no-op on balanced training data. A diagnosis head gives every non-melanoma
+    output the non-melanoma weight, so melanoma against the rest keeps the balance of a
+    two-class head and the other diagnoses keep their natural shares among the rest."""
     if mode == "none":
         return None
     counts = np.bincount(labels, minlength=len(common.CLASS_NAMES))
-    return torch.tensor(len(labels) / (len(counts) * counts), dtype=torch.float32, device=device)
+    binary = len(labels) / (len(counts) * counts)
+    weights = np.full(head.size, binary[common.NON_MELANOMA])
+    weights[head.melanoma] = binary[common.MELANOMA]
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def weight_average(args, model):
+    """The exponential moving average of the weights (--ema-decay), batch-norm statistics
+    included, on the model's device; None when turned off."""
+    if not args.ema_decay:
+        return None
+    model = getattr(model, "module", model)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
 
 
 def warmup_cosine(warmup_steps, total_steps):
@@ -710,11 +894,11 @@ def warmup_cosine(warmup_steps, total_steps):
     return factor
 
 
-def build_model(args, runtime, resume_state):
+def build_model(args, runtime, resume_state, head):
     """The model on its device; under DDP only rank 0 loads pretrained weights (DDP copies them)."""
     torch.manual_seed(args.seed)  # the new head starts the same in every run with this seed
     weights = args.weights if runtime.is_main and resume_state is None else "none"
-    model = common.SkinLesionModel(weights=weights)
+    model = common.SkinLesionModel(weights=weights, num_classes=head.size)
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
     model = model.to(runtime.device, memory_format=torch.channels_last)
@@ -724,7 +908,7 @@ def build_model(args, runtime, resume_state):
     return model
 
 
-def build_trainer(args, runtime, model, loader):
+def build_trainer(args, runtime, model, loader, head):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step_scheduler = None
     if args.schedule == "cosine":
@@ -733,15 +917,17 @@ def build_trainer(args, runtime, model, loader):
         )
         warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
         step_scheduler = LambdaLR(optimizer, warmup_cosine(warmup_steps, args.epochs * steps_per_epoch))
-    labels = np.asarray(loader.dataset.dataset.labels)  # the SkinLesionDataset inside the augmentation
+    labels = np.asarray(loader.dataset.labels)
     return Trainer(
         model,
         optimizer,
         runtime.device,
         runtime.amp_dtype,
         args.accumulation_steps,
-        class_weights(labels, args.class_weights, runtime.device),
+        class_weights(labels, args.class_weights, runtime.device, head),
         step_scheduler,
+        melanoma=head.melanoma,
+        ema=weight_average(args, model),
     )
 
 
@@ -789,13 +975,16 @@ def new_history(monitor, runtime, args):
         "amp": common.amp_name(runtime.amp_dtype),
         "device": runtime.device.type,
         "settings": vars(args),
+        "stopped_by_time_budget": False,
         "epochs": [],
     }
 
 
-def epoch_record(epoch, train, val, lr, seconds):
-    return {
+def epoch_record(epoch, train, val, lr, seconds, image_size, ema_val=None):
+    """One epoch's figures; val_* are the weights', ema_val_* their moving average's."""
+    record = {
         "epoch": epoch,
+        "image_size": image_size,
         "train_loss": train.loss(),
         "train_accuracy_at_0.5": train.accuracy_at_half(),
         "train_auc": train.auc(),
@@ -805,20 +994,37 @@ def epoch_record(epoch, train, val, lr, seconds):
         "lr": lr,
         "seconds": round(seconds, 2),
     }
+    if ema_val is not None:
+        record |= {"ema_val_loss": ema_val.loss(), "ema_val_auc": ema_val.auc()}
+    return record
+
+
+def better_weights(record, monitor):
+    """'ema' when the moving average validated better than the weights this epoch, else 'weights'."""
+    ema_value = record.get(f"ema_{monitor}")
+    if ema_value is None or record[monitor] is None:
+        return "weights"
+    return "ema" if improved(ema_value, record[monitor], monitor) else "weights"
 
 
 def summary_line(record, epochs, is_best):
     auc = "n/a" if record["val_auc"] is None else f"{record['val_auc']:.4f}"
+    ema = ""
+    if "ema_val_auc" in record:
+        ema_auc = "n/a" if record["ema_val_auc"] is None else f"{record['ema_val_auc']:.4f}"
+        ema = f"EMA Val Loss: {record['ema_val_loss']:.4f}, EMA Val AUC: {ema_auc}, "
+    saved = f" (best so far: saved {BEST_CHECKPOINT}, {record['selected']})" if is_best else ""
     return (
-        f"Epoch [{record['epoch']}/{epochs}] - Train Loss: {record['train_loss']:.4f}, "
+        f"Epoch [{record['epoch']}/{epochs}] {record['image_size']}px - "
+        f"Train Loss: {record['train_loss']:.4f}, "
         f"Train Accuracy@0.5: {100 * record['train_accuracy_at_0.5']:.2f}%, "
         f"Val Loss: {record['val_loss']:.4f}, Val Accuracy@0.5: {100 * record['val_accuracy_at_0.5']:.2f}%, "
-        f"Val AUC: {auc}, LR: {record['lr']:.2e}, "
-        f"{record['seconds']:.0f}s" + (f" (best so far: saved {BEST_CHECKPOINT})" if is_best else "")
+        f"Val AUC: {auc}, {ema}LR: {record['lr']:.2e}, {record['seconds']:.0f}s{saved}"
     )
 
 
-def save_best(args, trainer, val_scores, epoch, out, monitor):
+def save_best(args, network, head, val_scores, epoch, out, monitor, amp_dtype, selected):
+    """Write best_model.pth from `network`: the weights, or their moving average (`selected`)."""
     threshold, rule = choose_threshold(
         val_scores.labels, val_scores.probabilities, args.threshold, args.target_sensitivity
     )
@@ -830,10 +1036,12 @@ def save_best(args, trainer, val_scores, epoch, out, monitor):
         val_metrics=validation_metrics(val_scores, threshold),
         threshold_rule=rule,
         monitor=monitor,
-        training_amp=common.amp_name(trainer.amp_dtype),
+        training_amp=common.amp_name(amp_dtype),
         settings=vars(args),
+        saved_weights=selected,
+        **head.metadata(),
     )
-    common.save_checkpoint(out / BEST_CHECKPOINT, trainer.model, meta)
+    common.save_checkpoint(out / BEST_CHECKPOINT, network, meta)
 
 
 def save_last_checkpoint(path, args, trainer, plateau, progress):
@@ -848,6 +1056,7 @@ def save_last_checkpoint(path, args, trainer, plateau, progress):
             "scaler": trainer.scaler.state_dict(),
             "step_scheduler": trainer.step_scheduler.state_dict() if trainer.step_scheduler else None,
             "plateau": plateau.state_dict() if plateau else None,
+            "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
             "progress": vars(progress),
         },
         path,
@@ -870,31 +1079,63 @@ def restore(resume_state, trainer, plateau):
         trainer.step_scheduler.load_state_dict(resume_state["step_scheduler"])
     if plateau is not None:
         plateau.load_state_dict(resume_state["plateau"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(resume_state["ema"])
     return Progress(**resume_state["progress"])
 
 
 def run_epoch(args, runtime, trainer, loaders, epoch):
-    """Train one epoch, then score validation: (train scores, val scores) of all processes."""
+    """Train one epoch, then score validation with the weights and with their moving average:
+    (train scores, val scores, EMA val scores or None), each of all processes."""
     loaders["train"].sampler.set_epoch(epoch)
     # Dropout's stream, re-derived each epoch so that a resumed run draws the same numbers.
     torch.manual_seed(derived_seed(args.seed, TRAINING_STREAM, epoch, runtime.rank))
     description = f"Epoch {epoch + 1}/{args.epochs}"
     show_progress = common.show_progress(runtime.is_main)  # without bars, summary_line still logs each epoch
     train = trainer.train_one_epoch(loaders["train"], description, show_progress)
-    val = score_split(trainer.model, loaders["val"], runtime.device, "Validating", show_progress)
-    return gather_scores(train, runtime), gather_scores(val, runtime)
+    validate = functools.partial(
+        score_split, loader=loaders["val"], device=runtime.device, melanoma=trainer.melanoma,
+        show_progress=show_progress,
+    )  # fmt: skip
+    val = validate(trainer.model, description="Validating")
+    ema_val = None if trainer.ema is None else validate(trainer.ema.module, description="Validating EMA")
+    return (
+        gather_scores(train, runtime),
+        gather_scores(val, runtime),
+        ema_val and gather_scores(ema_val, runtime),
+    )
+
+
+def next_epoch_overruns(args, history):
+    """Whether the next epoch, estimated from the last one (scaled by the pixels of its image size
+    under progressive resizing), would end past --time-budget minutes of training."""
+    epochs = history["epochs"]
+    if not args.time_budget or not epochs:
+        return False
+    spent = sum(epoch["seconds"] for epoch in epochs)
+    last = epochs[-1]
+    next_size = epoch_image_size(args, len(epochs))
+    estimate = last["seconds"] * (next_size / last["image_size"]) ** 2
+    return spent + estimate > 60 * args.time_budget
+
+
+def write_history(out, history):
+    common.atomic_write_text(out / HISTORY_FILE, json.dumps(history, indent=2, allow_nan=False))
 
 
 def train_model(args, runtime, resume_state=None):
-    """The training loop: best checkpoint on improvement, last checkpoint every epoch, early stop."""
+    """The training loop: best checkpoint on improvement, last checkpoint every epoch, early stop,
+    and a clean end before an epoch that would overrun --time-budget."""
     out = Path(args.out)
+    head = choose_head(args, runtime)
     loaders = {
-        "train": train_loader(args, runtime),
+        "train": train_loader(args, runtime, head),
         "val": eval_loader(Path(args.data) / "val", args, runtime),
     }
     val_labels = [label for _, label in common.list_prepared_images(Path(args.data) / "val")]
     monitor = resolve_monitor(args, val_labels, runtime)
-    trainer = build_trainer(args, runtime, build_model(args, runtime, resume_state), loaders["train"])
+    model = build_model(args, runtime, resume_state, head)
+    trainer = build_trainer(args, runtime, model, loaders["train"], head)
     plateau = plateau_scheduler(args, trainer, monitor)
     if resume_state is None:
         progress = Progress(new_history(monitor, runtime, args))
@@ -902,18 +1143,42 @@ def train_model(args, runtime, resume_state=None):
         progress = restore(resume_state, trainer, plateau)
         runtime.log(f"Resuming after epoch {progress.epoch} of {args.epochs} from {out / LAST_CHECKPOINT}.")
     while progress.epoch < args.epochs and not progress.stopped_early:
+        if next_epoch_overruns(args, progress.history):
+            progress.history["stopped_by_time_budget"] = True
+            if runtime.is_main:
+                write_history(out, progress.history)
+            runtime.log(
+                f"Time budget: epoch {progress.epoch + 1} would end after {args.time_budget:g} minutes "
+                f"of training, so training ends after epoch {progress.epoch} of {args.epochs}."
+            )
+            break
         started = time.perf_counter()
-        train, val = run_epoch(args, runtime, trainer, loaders, progress.epoch)
+        train, val, ema_val = run_epoch(args, runtime, trainer, loaders, progress.epoch)
         progress.epoch += 1
         lr = trainer.optimizer.param_groups[0]["lr"]
-        record = epoch_record(progress.epoch, train, val, lr, time.perf_counter() - started)
-        value = record[monitor]
+        size = epoch_image_size(args, progress.epoch - 1)
+        record = epoch_record(progress.epoch, train, val, lr, time.perf_counter() - started, size, ema_val)
+        record["selected"] = better_weights(record, monitor)
+        value = record[f"ema_{monitor}" if record["selected"] == "ema" else monitor]
         is_best = improved(value, progress.best_value, monitor)
         if is_best:
             progress.best_value, progress.epochs_without_improvement = value, 0
             progress.history["best_epoch"] = progress.epoch
             if runtime.is_main:
-                save_best(args, trainer, val, progress.epoch, out, monitor)
+                network, scores = (
+                    (trainer.ema.module, ema_val) if record["selected"] == "ema" else (trainer.model, val)
+                )
+                save_best(
+                    args,
+                    network,
+                    head,
+                    scores,
+                    progress.epoch,
+                    out,
+                    monitor,
+                    trainer.amp_dtype,
+                    record["selected"],
+                )
         else:
             progress.epochs_without_improvement += 1
         progress.stopped_early = progress.epochs_without_improvement >= args.patience
@@ -921,9 +1186,7 @@ def train_model(args, runtime, resume_state=None):
             plateau.step(value)
         progress.history["epochs"].append(record)
         if runtime.is_main:
-            common.atomic_write_text(
-                out / HISTORY_FILE, json.dumps(progress.history, indent=2, allow_nan=False)
-            )
+            write_history(out, progress.history)
             save_last_checkpoint(out / LAST_CHECKPOINT, args, trainer, plateau, progress)
         runtime.log(summary_line(record, args.epochs, is_best))
         if progress.stopped_early:
@@ -985,7 +1248,7 @@ def evaluate_best_on_test(args, device, best_path):
 def describe_weights(weights):
     if weights == "none":
         return "random initialisation (--weights none): expect a much weaker model than with ImageNet weights"
-    return f"{weights} (ImageNet-pretrained backbone, new 2-class head)"
+    return f"{weights} (ImageNet-pretrained backbone, new head)"
 
 
 def threshold_rule_of_training(args, parser, meta):
@@ -1008,6 +1271,11 @@ def main(argv=None):
         resume_state = load_last_checkpoint(Path(args.out) / LAST_CHECKPOINT)
         args = settings_for_resume(args, parser, resume_state["args"])
     check_data_folder(args.data)
+    if args.progressive_from > args.image_size:
+        raise common.UserError(
+            f"--progressive-from {args.progressive_from} is larger than --image-size {args.image_size}: "
+            "progressive resizing grows the images up to the scoring size"
+        )
     if args.fit_scoring_only:
         device = common.choose_device(args.device)
         best_path = Path(args.out) / BEST_CHECKPOINT

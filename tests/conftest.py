@@ -56,6 +56,25 @@ def make_prepared_folder(folder, count=None, labels=(0, 1)):
     return folder
 
 
+def sample_diagnoses():
+    """{image_id: dx} of the bundled sample's HAM10000 metadata."""
+    with open(SAMPLE / "HAM10000_metadata.csv", newline="") as file:
+        return {row["image_id"]: row["dx"] for row in csv.DictReader(file)}
+
+
+def write_manifest(root):
+    """manifest.csv for a tree of make_prepared_folder splits, with the images' real diagnoses."""
+    diagnoses = sample_diagnoses()
+    rows = []
+    for split in common.SPLITS:
+        for path, label in common.list_prepared_images(root / split) if (root / split).is_dir() else []:
+            image_id = path.stem.split("_", 1)[1]
+            rows.append(
+                common.ManifestRow(split, path.name, label, image_id, None, False, diagnoses[image_id])
+            )
+    common.write_manifest(root / common.MANIFEST_FILE, rows)
+
+
 def make_random_checkpoint(path, image_size=TINY_IMAGE_SIZE, threshold=0.5, seed=0):
     torch.manual_seed(seed)
     model = common.SkinLesionModel(weights="none")

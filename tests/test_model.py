@@ -8,7 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY_IMAGE_SIZE, assert_one_line_error, make_prepared_folder, run_script
+from conftest import (
+    ROOT,
+    TINY_IMAGE_SIZE,
+    assert_one_line_error,
+    make_prepared_folder,
+    run_script,
+    write_manifest,
+)
 from PIL import Image
 
 import common
@@ -20,15 +27,17 @@ CHECKPOINT_KEYS = {"arch", "class_names", "image_size", "mean", "std", "threshol
 CHECKPOINT_KEYS |= {"weights", "epoch", "val_metrics", "versions", "model_state"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy_at_0.5", "train_auc", "val_loss", "val_accuracy_at_0.5"}
 EPOCH_KEYS |= {"val_auc"}
-EPOCH_KEYS |= {"lr", "seconds"}
+EPOCH_KEYS |= {"lr", "seconds", "image_size", "selected", "ema_val_loss", "ema_val_auc"}
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """A tiny prepared tree of real sample images: 12 train, 8 val, 6 test."""
+    """A tiny prepared tree of real sample images: 12 train, 8 val, 6 test; its manifest records
+    the diagnoses (train/: 6 melanomas, 4 nevi, 2 benign keratoses)."""
     root = tmp_path_factory.mktemp("prepared")
     for split, count in (("train", 6), ("val", 4), ("test", 3)):
         make_prepared_folder(root / split, count=count)
+    write_manifest(root)
     return root
 
 
@@ -96,15 +105,39 @@ def test_train_augmentation_adds_no_fill(augmentation):
         assert image.flatten(1).std(dim=1).max() < 1e-3
 
 
+def augmentation_args(seed=3, progressive_from=0, epochs=3):
+    return SimpleNamespace(
+        seed=seed,
+        image_size=TINY_IMAGE_SIZE,
+        progressive_from=progressive_from,
+        epochs=epochs,
+        augmentation="ours",
+    )
+
+
 def test_augmentation_depends_only_on_seed_epoch_and_index(prepared):
-    images = common.SkinLesionDataset(prepared / "train", model.train_transform(TINY_IMAGE_SIZE))
-    dataset = model.ReproducibleAugmentation(images, seed=3)
+    images = common.SkinLesionDataset(prepared / "train", transform=None)
+    dataset = model.ReproducibleAugmentation(images, images.labels, augmentation_args())
     before = torch.random.get_rng_state()
     first, label = dataset[(0, 1)]
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
     assert torch.equal(dataset[(0, 1)][0], first) and label == images.labels[1]
     assert not torch.equal(dataset[(1, 1)][0], first)
-    assert not torch.equal(model.ReproducibleAugmentation(images, seed=4)[(0, 1)][0], first)
+    other_seed = model.ReproducibleAugmentation(images, images.labels, augmentation_args(seed=4))
+    assert not torch.equal(other_seed[(0, 1)][0], first)
+
+
+def test_progressive_resizing_grows_size_and_augmentation_to_the_final_ones(prepared):
+    args = SimpleNamespace(image_size=160, progressive_from=96, epochs=5)
+    sizes = [model.epoch_image_size(args, epoch) for epoch in range(5)]
+    assert sizes == [96, 112, 128, 144, 160]
+    strengths = [model.augmentation_strength(args, size) for size in sizes]
+    assert strengths == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert model.epoch_image_size(SimpleNamespace(image_size=160, progressive_from=0, epochs=5), 0) == 160
+    assert model.augmentation_strength(SimpleNamespace(image_size=160, progressive_from=0), 160) == 1.0
+    images = common.SkinLesionDataset(prepared / "train", transform=None)
+    dataset = model.ReproducibleAugmentation(images, images.labels, augmentation_args(progressive_from=32))
+    assert [dataset[(epoch, 0)][0].shape[-1] for epoch in range(3)] == [32, 48, TINY_IMAGE_SIZE]
 
 
 # --- the decision threshold -------------------------------------------------------------------
@@ -164,13 +197,19 @@ def test_training_run_writes_checkpoint_history_and_tests(prepared, tmp_path):
     result = run_script("model.py", *tiny_args(prepared, tmp_path, "--epochs", 2, "--workers", 1))
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU found" in result.stdout and "random initialisation" in result.stdout
-    assert "Epoch [1/2] - Train Loss:" in result.stdout and "Val AUC:" in result.stdout
+    assert (
+        f"Epoch [1/2] {TINY_IMAGE_SIZE}px - Train Loss:" in result.stdout and "EMA Val AUC:" in result.stdout
+    )
+    assert "Diagnosis head: bkl 2, mel 6, nv 4 training images." in result.stdout
     assert "%|" not in result.stderr  # no tqdm bars in a pipe (the lines above are the log)
     assert "Classification Report:" in result.stdout and "ROC AUC:" in result.stdout
 
     saved = torch.load(tmp_path / model.BEST_CHECKPOINT, weights_only=True)
     assert saved.keys() >= CHECKPOINT_KEYS
     assert saved["image_size"] == TINY_IMAGE_SIZE and saved["weights"] == "none"
+    assert (saved["targets"], saved["diagnoses"]) == ("diagnosis", ["bkl", "mel", "nv"])
+    assert saved["model_state"]["efficientnet.classifier.1.weight"].shape[0] == 3
+    assert saved["saved_weights"] in ("weights", "ema")
     assert set(saved["val_metrics"]) == {"auc", "loss", "accuracy", "sensitivity", "specificity"}
     assert saved["val_metrics"]["sensitivity"] >= 0.9  # the rule holds on the split it was chosen on
     loaded, meta = common.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
@@ -201,9 +240,10 @@ def test_one_class_validation_gives_null_auc_and_the_original_preset_runs(tmp_pa
 
 
 def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
-    """Interrupted after epoch 1, then resumed (with a loader worker this time): the same weights
-    and history as a run that was never interrupted."""
-    run = ["--epochs", 2, "--patience", 5]
+    """Interrupted after epoch 1, then resumed (with a loader worker this time): the same weights,
+    moving average and history as a run that was never interrupted (diagnosis head, progressive
+    resizing and the weights' moving average on)."""
+    run = ["--epochs", 2, "--patience", 5, "--progressive-from", 32, "--ema-decay", 0.5]
     model.main(tiny_args(prepared, tmp_path / "whole", *run, "--workers", 0))
 
     save_last = model.save_last_checkpoint
@@ -227,11 +267,41 @@ def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
         for epoch in history["epochs"]:
             del epoch["seconds"]
     assert resumed == whole
-    whole, resumed = (
-        torch.load(tmp_path / run / model.BEST_CHECKPOINT)["model_state"] for run in ("whole", "resumed")
-    )
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, resumed[name]), name
+    assert [epoch["image_size"] for epoch in whole["epochs"]] == [32, TINY_IMAGE_SIZE]
+    for checkpoint, part in ((model.BEST_CHECKPOINT, "model_state"), (model.LAST_CHECKPOINT, "ema")):
+        whole, resumed = (torch.load(tmp_path / run / checkpoint)[part] for run in ("whole", "resumed"))
+        for name, tensor in whole.items():
+            assert torch.equal(tensor, resumed[name]), name
+
+
+def test_diagnosis_class_weights_keep_melanoma_against_the_rest_balanced():
+    labels = [1] * 10 + [0] * 30
+    head = model.Head(diagnoses=["bcc", "mel", "nv"])
+    weights = model.class_weights(labels, "balanced", torch.device("cpu"), head)
+    two_class = model.class_weights(labels, "balanced", torch.device("cpu"), model.Head())
+    assert weights.tolist() == [two_class[0].item(), two_class[1].item(), two_class[0].item()]
+    assert two_class[1] * 10 == pytest.approx(two_class[0] * 30)  # melanoma weighs as much as the rest
+
+
+def test_a_tree_without_diagnoses_falls_back_to_melanoma_with_a_notice(tmp_path, capsys):
+    data = tmp_path / "data"
+    for split, count in (("train", 3), ("val", 2)):
+        make_prepared_folder(data / split, count=count)
+    model.main(tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 0, "--ema-decay", 0))
+    printed = capsys.readouterr().out
+    assert "there is no" in printed and "training melanoma against the rest" in printed
+    saved = torch.load(tmp_path / "out" / model.BEST_CHECKPOINT, weights_only=True)
+    assert (saved["targets"], saved["diagnoses"]) == ("melanoma", None)
+    assert "ema_val_auc" not in json.loads((tmp_path / "out" / model.HISTORY_FILE).read_text())["epochs"][0]
+
+
+def test_time_budget_ends_training_cleanly_and_still_tests(prepared, tmp_path, capsys):
+    model.main(tiny_args(prepared, tmp_path, "--epochs", 3, "--workers", 0, "--time-budget", 0.0001))
+    printed = capsys.readouterr().out
+    assert "Time budget: epoch 2 would end after" in printed and "ends after epoch 1 of 3" in printed
+    assert "ROC AUC:" in printed  # test/ is still scored
+    history = json.loads((tmp_path / model.HISTORY_FILE).read_text())
+    assert len(history["epochs"]) == 1 and history["stopped_by_time_budget"] is True
 
 
 @pytest.mark.slow
@@ -282,6 +352,9 @@ def test_a_bad_flag_is_one_line_on_the_command_line(prepared, tmp_path):
         (["--device", "cuda"], "CUDA"),
         (["--weights", "missing.pth"], "missing.pth"),
         (["--resume"], "nothing to resume"),
+        (["--ema-decay", "1"], "--ema-decay"),
+        (["--progressive-from", TINY_IMAGE_SIZE + 16], "--progressive-from"),
+        (["--targets", "lesions"], "--targets"),
     ],
 )
 def test_bad_flags_are_one_line_errors(prepared, tmp_path, capsys, extra, message):

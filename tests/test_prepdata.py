@@ -15,6 +15,7 @@ from conftest import (
     SHARED_DATA,
     assert_one_line_error,
     run_script,
+    sample_diagnoses,
     sample_labels,
 )
 from PIL import Image
@@ -315,12 +316,6 @@ def test_metadata_csv_gives_labels_from_dx_and_lesion_ids(tmp_path):
     prepare(out, csv_path=SAMPLE / "HAM10000_metadata.csv")
     assert labels_written(out) == sample_labels()
     assert all(row["lesion_id"] for row in read_manifest(out))
-
-
-def sample_diagnoses():
-    """{image_id: dx} of the bundled sample's HAM10000 metadata."""
-    with open(SAMPLE / "HAM10000_metadata.csv", newline="") as file:
-        return {row["image_id"]: row["dx"] for row in csv.DictReader(file)}
 
 
 def diagnoses_written(out):

@@ -109,6 +109,23 @@ def test_the_shown_probability_is_made_in_one_place():
     )
 
 
+def test_a_diagnosis_head_gives_the_melanoma_softmax_probability_and_its_heat_map_outputs():
+    meta = {"image_size": 64, "threshold": 0.5, "diagnoses": ["bcc", "mel", "nv", "vasc"]}
+    logits = np.array([[0.3, -1.2, 2.0, 0.1], [-3.0, 4.0, 1.0, 0.5], [1.0, 0.0, -2.0, 2.5]])
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert common.melanoma_output(meta) == 1
+    np.testing.assert_allclose(common.ScoringRules(meta).probabilities(logits), softmax[:, 1], rtol=1e-12)
+    # melanoma explains a melanoma label; the most likely other diagnosis explains the rest
+    assert common.heatmap_outputs(logits, [0, 1, 0], meta) == [2, 1, 3]
+    assert common.heatmap_outputs(logits[:, :2], [0, 1, 1], {"image_size": 64}) == [0, 1, 1]
+    diagnoses_last = {**meta, "diagnoses": ["bcc", "nv", "vasc", "mel"]}
+    np.testing.assert_allclose(
+        common.melanoma_probability(logits, melanoma=common.melanoma_output(diagnoses_last)),
+        softmax[:, 3],
+        rtol=1e-12,
+    )
+
+
 def test_the_rules_survive_a_weights_only_round_trip(trusted_checkpoint, tmp_path):
     saved = torch.load(trusted_checkpoint, weights_only=True)
     assert {"calibration", "ood", "quality", "threshold_uncalibrated"} <= set(saved)
