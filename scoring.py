@@ -83,6 +83,10 @@ def resized(values, size):
 
 MELANOMA, NON_MELANOMA = 1, 0
 CLASS_NAMES = ("Non-Melanoma", "Melanoma")  # index = label
+# A diagnosis head (model.py --targets diagnosis) has one output per diagnosis code of train/
+# (HAM10000's dx: akiec, bcc, bkl, df, mel, nv, vasc); its melanoma output is this one.
+MELANOMA_DIAGNOSIS = "mel"
+UNKNOWN_DIAGNOSIS = "unknown"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,19 +201,43 @@ def decode_image_bytes(data, image_size):
 # in it (see `ScoringRules`); an older checkpoint has none of it, and every stage says so.
 
 
-def melanoma_log_odds(logits):
-    """log(p / (1 - p)) of the softmax melanoma probability p, computed without rounding to 0 or 1.
+def melanoma_output(meta):
+    """The network output that is melanoma: MELANOMA of a two-class head (every checkpoint
+    before diagnosis heads), or the 'mel' output of a diagnosis head."""
+    diagnoses = meta.get("diagnoses")
+    return diagnoses.index(MELANOMA_DIAGNOSIS) if diagnoses else MELANOMA
+
+
+def melanoma_log_odds(logits, melanoma=MELANOMA):
+    """log(p / (1 - p)) of the softmax melanoma probability p, computed without rounding to 0 or 1;
+    `melanoma` is the melanoma output (`melanoma_output`). With a diagnosis head, p is the
+    softmax probability of the melanoma diagnosis and 1 - p the sum of all the others'.
 
     NumPy's logaddexp rather than SciPy's special functions: importing scipy.special costs the
     serving process about 16 MB of memory, for three lines of arithmetic."""
     logits = np.asarray(logits, dtype=np.float64)
-    others = np.logaddexp.reduce(np.delete(logits, MELANOMA, axis=1), axis=1)
-    return logits[:, MELANOMA] - others
+    others = np.logaddexp.reduce(np.delete(logits, melanoma, axis=1), axis=1)
+    return logits[:, melanoma] - others
 
 
-def melanoma_probability(logits, calibration=None):
+def melanoma_probability(logits, calibration=None, melanoma=MELANOMA):
     """The melanoma probability shown to people, from a batch of logits."""
-    return shown_probability(melanoma_log_odds(logits), calibration)
+    return shown_probability(melanoma_log_odds(logits, melanoma), calibration)
+
+
+def heatmap_outputs(logits, labels, meta):
+    """The output whose heat map explains each image's label: the label itself for a two-class
+    head; for a diagnosis head, the melanoma output for a melanoma label, else the most likely
+    other diagnosis (the lesion the network took it for)."""
+    melanoma = melanoma_output(meta)
+    if not meta.get("diagnoses"):
+        return [int(label) for label in labels]
+    others = np.asarray(logits, dtype=np.float64).copy()
+    others[:, melanoma] = -np.inf
+    return [
+        melanoma if label == MELANOMA else int(np.argmax(row))
+        for label, row in zip(labels, others, strict=True)
+    ]
 
 
 def shown_probability(log_odds, calibration=None):
@@ -318,6 +346,7 @@ class ScoringRules:
 
     def __init__(self, meta):
         self.image_size = meta["image_size"]
+        self.melanoma = melanoma_output(meta)
         self.threshold = float(meta["threshold"])
         self.calibration = meta.get("calibration")
         self.quality = meta.get("quality")
@@ -330,7 +359,7 @@ class ScoringRules:
         return self.ood is not None
 
     def probabilities(self, logits):
-        return melanoma_probability(logits, self.calibration)
+        return melanoma_probability(logits, self.calibration, self.melanoma)
 
     def ood_scores(self, stage_means):
         """Each image's out-of-distribution score; None for each when the checkpoint has none."""
