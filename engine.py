@@ -6,6 +6,8 @@ both give `batch(images)`, `outputs(batch)` -> (logits, stage means, last featur
 """
 
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +69,8 @@ class OnnxEngine:
 
 def load_network(model_path, device="auto", threads=None):
     """The network to score with: ONNX Runtime on `model_path` when it is an .onnx file, or on
-    the .onnx file beside a checkpoint when it was exported from this very file (its stored
-    SHA-256 says so); else torch on the checkpoint (common.TorchNetwork), as for CUDA without
-    ONNX Runtime's CUDA provider."""
+    the .onnx file exported from the checkpoint `model_path` (`exported_network`); torch on the
+    checkpoint (common.TorchNetwork) only for CUDA without ONNX Runtime's CUDA provider."""
     model_path = Path(model_path)
     if model_path.suffix.lower() == ".onnx":
         if not model_path.is_file():
@@ -77,14 +78,75 @@ def load_network(model_path, device="auto", threads=None):
                 f"{model_path}: network not found (export one with predict.py --export)"
             )
         return OnnxEngine(model_path, device, threads)
-    beside = scoring.onnx_path_beside(model_path)
-    if beside.is_file() and model_path.is_file() and not wants_cuda_without_provider(device):
-        network = OnnxEngine(beside, device, threads)
-        if network.meta.get("checkpoint_sha256") == scoring.file_sha256(model_path):
-            return network
-    import common  # torch: only for a checkpoint without its exported network
+    if wants_cuda_without_provider(device):
+        import common  # torch: the only engine on CUDA here
 
-    return common.TorchNetwork(model_path, device, threads)
+        return common.TorchNetwork(model_path, device, threads)
+    return exported_network(model_path, device, threads)
+
+
+def exported_network(checkpoint_path, device="auto", threads=None):
+    """The engine on the .onnx file beside the checkpoint when it was exported from this very
+    file (its stored SHA-256 says so). Otherwise the checkpoint is exported first (torch needed,
+    once): beside it, atomically, so the next load finds it; or, in a folder this process
+    cannot write, to a temporary file removed as soon as the session holds the network."""
+    if not checkpoint_path.is_file():
+        raise scoring.CheckpointError(
+            f"{checkpoint_path}: checkpoint not found (train first with model.py, or pass --model PATH)"
+        )
+    beside = scoring.onnx_path_beside(checkpoint_path)
+    network = engine_if_exported_from(beside, checkpoint_path, device, threads)
+    if network is not None:
+        return network
+    if can_write_in(checkpoint_path.parent):
+        export(checkpoint_path, beside)
+        print(f"{checkpoint_path}: exported once to {beside} for ONNX Runtime", file=sys.stderr)
+        return OnnxEngine(beside, device, threads)
+    with tempfile.TemporaryDirectory(prefix="skin-lesion-onnx-") as folder:
+        exported = export(checkpoint_path, Path(folder) / beside.name)
+        print(
+            f"{checkpoint_path}: exported to a temporary file for ONNX Runtime "
+            f"({checkpoint_path.parent} is not writable, so every start exports again)",
+            file=sys.stderr,
+        )
+        return OnnxEngine(exported, device, threads)
+
+
+def engine_if_exported_from(onnx_path, checkpoint_path, device, threads):
+    """The engine on `onnx_path` when that file holds the network exported from the checkpoint
+    file as it is now; None when it is missing, unreadable, or from another (older) checkpoint.
+
+    The session is built to read the stored hash: a stale file costs one wasted session, once.
+    Reading the metadata alone with the onnx package would cost more (docs/measurements.md)."""
+    if not onnx_path.is_file():
+        return None
+    try:
+        network = OnnxEngine(onnx_path, device, threads)
+    except scoring.CheckpointError:
+        return None
+    return network if network.meta.get("checkpoint_sha256") == scoring.file_sha256(checkpoint_path) else None
+
+
+def export(checkpoint_path, onnx_path):
+    """common.export_onnx, whose failure to write is a one-line CheckpointError."""
+    import common  # torch: only to export a checkpoint without its exported network
+
+    try:
+        return common.export_onnx(checkpoint_path, onnx_path)
+    except OSError as error:
+        raise scoring.CheckpointError(
+            f"{onnx_path}: cannot write the exported network ({error.strerror or error})"
+        ) from None
+
+
+def can_write_in(folder):
+    """Whether this process can create a file in `folder`: tried, not read from the permission
+    bits (root writes where the bits say read-only; a read-only mount refuses even root)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def wants_cuda_without_provider(device):

@@ -355,14 +355,9 @@ def report(rows, seconds, device, out):
 
 
 def export(checkpoint_path):
-    """Write the checkpoint's .onnx file beside it (common.export_onnx)."""
-    import common  # torch: exporting needs the network itself
-
+    """Write the checkpoint's .onnx file beside it (engine.export)."""
     onnx_path = scoring.onnx_path_beside(checkpoint_path)
-    try:
-        common.export_onnx(checkpoint_path, onnx_path)
-    except OSError as error:
-        raise scoring.UserError(f"{onnx_path}: cannot write the export ({error.strerror or error})") from None
+    engine.export(checkpoint_path, onnx_path)
     print(f"Exported {checkpoint_path} to {onnx_path}", file=sys.stderr)
 
 
