@@ -116,7 +116,6 @@ def test_healthz_reports_the_model(client):
     assert answer["model"]["image_size"] == TINY_IMAGE_SIZE
     assert answer["threshold"] == 0.5
     assert answer["precision"] == "fp32"
-    # The checkpoint alone: exported beside it on first load, then served by ONNX Runtime.
     assert answer["model"]["engine"] == answer["engine"] == "onnxruntime"
 
 

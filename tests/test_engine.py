@@ -89,6 +89,16 @@ def test_heat_map_is_grad_cam(served):
                 assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
 
 
+def test_dihedral_views_are_torchs():
+    batch = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
+    ours = list(engine.dihedral_views(batch))
+    theirs = list(common.dihedral_views(torch.from_numpy(batch)))
+    assert len(ours) == len(theirs) == 8
+    for one, other in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(one, other.numpy())
+        assert one.flags.c_contiguous
+
+
 def test_a_checkpoint_alone_is_exported_once_beside_it(trusted_checkpoint, tmp_path, capsys):
     checkpoint = Path(shutil.copy(trusted_checkpoint, tmp_path / "best_model.pth"))
     onnx_path = tmp_path / "best_model.onnx"
