@@ -18,8 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import common
+import engine
 import metrics
 import report
 
@@ -161,11 +163,42 @@ def distribution_table(rows):
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def score_folder(model, dataset, device, batch_size, workers, tta):
-    """(common.ScoredImages of the folder, images scored per second)."""
+def score_folder(network, samples, batch_size, workers, tta):
+    """(common.ScoredImages of the (path, label) `samples`, images scored per second): each image
+    decoded and scored as the app scores an upload (engine.ImageFiles), by the engine's network.
+    An image that cannot be scored stops the run with its one-line reason."""
     start = time.perf_counter()
-    scored = common.score_dataset(model, dataset, device, batch_size, workers, tta)
-    return scored, len(dataset) / (time.perf_counter() - start)
+    paths = [str(path) for path, _ in samples]
+    image_files = engine.ImageFiles(paths, network.meta)
+    parts = {"logits": [], "stage_means": [], "facts": []}
+    with tqdm(
+        total=len(paths), unit="img", desc="Scoring", disable=not common.show_progress(), leave=False
+    ) as progress:
+        for batch, items in engine.decoded_batches(image_files, batch_size, workers):
+            for item in items:
+                if item.error is not None:
+                    reason = item.error.removeprefix("upload: ")  # the app's words name its upload
+                    raise common.ImageError(f"{paths[item.index]}: {reason}")
+            logits, stage_means = engine.batch_outputs(network, batch, tta)
+            parts["logits"].append(logits)
+            parts["stage_means"].append(stage_means)
+            parts["facts"] += [item.facts for item in items]
+            progress.update(len(items))
+    scored = common.ScoredImages(
+        np.array([label for _, label in samples]),
+        np.concatenate(parts["logits"]),
+        [np.concatenate(stage) for stage in zip(*parts["stage_means"], strict=True)],
+        parts["facts"],
+    )
+    return scored, len(paths) / (time.perf_counter() - start)
+
+
+def prepared_images(folder):
+    """The (path, label) pairs of the folder's mel_*/nomel_* images; none is a user error."""
+    samples = common.list_prepared_images(folder)
+    if not samples:
+        raise common.UserError(f"{folder}: no mel_*/nomel_* images in this folder")
+    return samples
 
 
 def trust_summary(labels, uncalibrated, answers, rules, paths, resamples, seed):
@@ -311,7 +344,7 @@ def write_results(out, paths, labels, uncalibrated, answers, result, context, pe
 
 
 def run_facts(context):
-    keys = ("data", "device", "precision", "tta", "images_per_second", "class_distribution")
+    keys = ("data", "device", "engine", "precision", "tta", "images_per_second", "class_distribution")
     return {key: context[key] for key in keys}
 
 
@@ -336,24 +369,27 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise common.UserError(f"{out}: exists and is not a folder (pass another --out)")
-    # Every input is checked before the slow scoring starts.
-    device = common.choose_device(args.device)
-    model, meta = common.load_scoring_model(args.model, device)
-    dataset = common.ScoringDataset(args.data, meta)
+    # Every input is checked before the slow scoring starts; the network last, since a
+    # checkpoint without its exported network is exported first (engine.load_network).
+    samples = prepared_images(args.data)
     history = read_history(args.history)
     distribution, distribution_source = class_distribution(args.data)
+    network = engine.load_network(args.model, args.device)
+    meta = network.meta
 
-    scored, speed = score_folder(model, dataset, device, args.batch_size, args.workers, args.tta)
+    scored, speed = score_folder(network, samples, args.batch_size, args.workers, args.tta)
     precision = "fp32"
-    setting = f"{device}, {precision}, TTA {on_off(args.tta)}"
-    print(f"Scored {len(dataset):,} images, {speed:.1f} images/s ({setting})")
+    device = f"{network.device}"
+    setting = f"{network.engine}, {device}, {precision}, TTA {on_off(args.tta)}"
+    print(f"Scored {len(samples):,} images, {speed:.1f} images/s ({setting})")
     rules = common.ScoringRules(meta)
     answers = rules.answers(scored.logits, scored.stage_means, scored.facts)
-    uncalibrated = common.melanoma_probability(scored.logits)
+    uncalibrated = common.melanoma_probability(scored.logits, melanoma=rules.melanoma)
     labels = scored.labels
     probabilities = np.array([answer["probability"] for answer in answers])
     result = metrics.evaluate(labels, probabilities, rules.threshold, args.bootstrap, args.seed)
-    result |= trust_summary(labels, uncalibrated, answers, rules, dataset.paths, args.bootstrap, args.seed)
+    paths = [path for path, _ in samples]
+    result |= trust_summary(labels, uncalibrated, answers, rules, paths, args.bootstrap, args.seed)
     context = {
         "model": model_facts(args.model, meta),
         "data": str(args.data),
@@ -361,12 +397,13 @@ def main(argv=None):
         "history": history,
         "class_distribution": distribution,
         "class_distribution_source": distribution_source,
-        "device": str(device),
+        "device": device,
+        "engine": network.engine,
         "precision": precision,
         "tta": args.tta,
         "images_per_second": speed,
     }
-    print(write_results(out, dataset.paths, labels, uncalibrated, answers, result, context, args.gallery))
+    print(write_results(out, paths, labels, uncalibrated, answers, result, context, args.gallery))
     print(f"Results written to {out}/")
 
 

@@ -8,18 +8,13 @@ row with the reason, and the run goes on. Research tool, not a diagnosis.
 """
 
 import argparse
-import collections
-import concurrent.futures
 import csv
 import io
 import json
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import engine
@@ -179,74 +174,6 @@ def make_folder(folder):
         ) from None
 
 
-# --- decoding, in worker processes ------------------------------------------------------------
-
-
-class Decoded(NamedTuple):
-    """One file, decoded: its network input and image facts, or why it cannot be scored."""
-
-    index: int  # in the list of files
-    pixels: np.ndarray | None  # the network's input (scoring.model_input)
-    facts: dict | None
-    image: Image.Image | None  # kept only to draw its heat map on
-    error: str | None
-
-
-class ImageFiles:
-    """The files to score, each decoded by the app's rule (scoring.decode_image_bytes). A refused
-    file becomes a Decoded with its reason, never an error that would stop the scoring."""
-
-    def __init__(self, files, meta, keep_images=False):
-        self.files = files
-        self.meta = meta
-        self.image_size = meta["image_size"]
-        self.keep_images = keep_images
-
-    def batch(self, indices):
-        """(the decoded images' inputs stacked, or None when none decoded; the Decoded items
-        without them): one array crosses from a worker process per batch, not one per image."""
-        items = [self.decoded(index) for index in indices]
-        inputs = [item.pixels for item in items if item.error is None]
-        return (np.stack(inputs) if inputs else None), [item._replace(pixels=None) for item in items]
-
-    def decoded(self, index):
-        try:
-            image = read_image_file(self.files[index], self.image_size)
-        except scoring.ImageError as error:
-            return Decoded(index, None, None, None, str(error))
-        facts = scoring.image_facts(image, self.image_size)
-        pixels = scoring.model_input(image, self.meta)
-        return Decoded(index, pixels, facts, image if self.keep_images else None, None)
-
-
-def read_image_file(path, image_size):
-    """The image in the file at `path`, decoded and accepted as the app accepts an upload."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise scoring.ImageError(f"cannot read the file ({error.strerror or error})") from None
-    return scoring.decode_image_bytes(data, image_size)
-
-
-def decoded_batches(image_files, batch_size, workers):
-    """`image_files.batch` of each run of `batch_size` files, in order, decoded by `workers`
-    processes (0: in this one). At most two batches per worker wait decoded ahead of the
-    network, so memory stays bounded however many files there are."""
-    count = len(image_files.files)
-    batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
-    if workers == 0:
-        yield from map(image_files.batch, batches)
-        return
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(batches))) as pool:
-        waiting = collections.deque()
-        for indices in batches:
-            waiting.append(pool.submit(image_files.batch, indices))
-            if len(waiting) > 2 * workers:
-                yield waiting.popleft().result()
-        while waiting:
-            yield waiting.popleft().result()
-
-
 # --- scoring ---------------------------------------------------------------------------------
 
 
@@ -256,12 +183,12 @@ def score_files(files, network, batch_size=32, workers=0, heatmaps=None):
     `heatmaps`: one destination per file (heatmap_destinations); each scored image's heat map
     is written there, and its row says where."""
     rules = scoring.ScoringRules(network.meta)
-    image_files = ImageFiles(files, network.meta, keep_images=heatmaps is not None)
+    image_files = engine.ImageFiles(files, network.meta, keep_images=heatmaps is not None)
     rows = []
     with tqdm(
         total=len(files), unit="img", desc="Scoring", disable=not scoring.show_progress(), leave=False
     ) as progress:
-        for images, items in decoded_batches(image_files, batch_size, workers):
+        for images, items in engine.decoded_batches(image_files, batch_size, workers):
             answers = score_batch(network, rules, images, items, heatmaps)
             for item in items:
                 row = file_row(files[item.index], answers.get(item.index), item.error)
@@ -355,14 +282,9 @@ def report(rows, seconds, device, out):
 
 
 def export(checkpoint_path):
-    """Write the checkpoint's .onnx file beside it (common.export_onnx)."""
-    import common  # torch: exporting needs the network itself
-
+    """Write the checkpoint's .onnx file beside it (engine.export)."""
     onnx_path = scoring.onnx_path_beside(checkpoint_path)
-    try:
-        common.export_onnx(checkpoint_path, onnx_path)
-    except OSError as error:
-        raise scoring.UserError(f"{onnx_path}: cannot write the export ({error.strerror or error})") from None
+    engine.export(checkpoint_path, onnx_path)
     print(f"Exported {checkpoint_path} to {onnx_path}", file=sys.stderr)
 
 

@@ -48,8 +48,23 @@ def model_input(image, meta):
     """A decoded RGB PIL image as the network's normalised input, (3, S, S) float32: what
     `common.checkpoint_transform` computes with torchvision (Resize on a PIL image is Pillow's
     antialiased bilinear resize; ToTensor divides by 255; Normalize subtracts and divides in float32)."""
-    size = meta["image_size"]
-    pixels = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    return normalised(squared(image, meta["image_size"]), meta)
+
+
+def model_input_and_facts(image, meta):
+    """(model_input, image_facts) of a decoded image from one resize: the app and predict.py
+    need both, and the resize of a large photo is the costly part of each."""
+    square = squared(image, meta["image_size"])
+    return normalised(square, meta), facts_of_square(image, square)
+
+
+def squared(image, size):
+    """The image squeezed to size x size: what the network sees and the quality statistics measure."""
+    return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def normalised(square, meta):
+    pixels = np.asarray(square, dtype=np.float32)
     mean = np.asarray(meta["mean"], dtype=np.float32)
     std = np.asarray(meta["std"], dtype=np.float32)
     return ((pixels / np.float32(255) - mean) / std).transpose(2, 0, 1)
@@ -289,7 +304,14 @@ IMAGE_FACTS = ("width", "height", *QUALITY_STATISTICS)
 def image_facts(image, size):
     """{width, height, sharpness: variance of the Laplacian, brightness: mean grey level,
     contrast: its standard deviation} of a PIL image; grey levels 0-255 at `size` x `size`."""
-    grey = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    return facts_of_square(image, squared(image, size))
+
+
+def facts_of_square(image, square):
+    """`image_facts` of `image`, measured on `square`, the image squeezed (`squared`): the grey
+    image of the squeezed one, the square the network sees (greying before the resize instead
+    moves the statistics by a rounding of the grey levels only)."""
+    grey = np.asarray(square.convert("L"), dtype=np.float64)
     laplacian = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
     return {
         "width": image.width,

@@ -15,6 +15,7 @@ from sklearn import metrics as skmetrics
 
 import analysis
 import common
+import engine
 import report
 
 THRESHOLD = 0.495  # near the middle of the varied checkpoint's scores: both kinds of error occur
@@ -282,6 +283,29 @@ def test_tta_is_reported(one_class_run):
         "test-time augmentation on (8 flips/rotations averaged)"
         in (results / "summary_report.txt").read_text()
     )
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_the_engine_scores_the_folder_as_torch_does(varied_checkpoint, prepared_tree, tta):
+    """analysis.py scores through the serving engine (the checkpoint's export, made on first
+    load); the answers are torch's common.score_dataset's, TTA views included."""
+    network = engine.load_network(varied_checkpoint)
+    assert network.engine == "onnxruntime"
+    folder = prepared_tree / "test"
+    ours, _ = analysis.score_folder(network, analysis.prepared_images(folder), 4, 0, tta)
+    model, meta = common.load_scoring_model(varied_checkpoint)
+    theirs = common.score_dataset(model, common.ScoringDataset(folder, meta), torch.device("cpu"), 4, 0, tta)
+    np.testing.assert_array_equal(ours.labels, theirs.labels)
+    # Float rounding only: on this random network with real batch-norm statistics, folding the
+    # batch norms alone moves torch's probabilities by up to 1.6e-5, ONNX Runtime's by 1.9e-5.
+    ours_probabilities, their_probabilities = (
+        common.melanoma_probability(scored.logits) for scored in (ours, theirs)
+    )
+    np.testing.assert_allclose(ours_probabilities, their_probabilities, rtol=0, atol=5e-5)
+    for one, other in zip(ours.stage_means, theirs.stage_means, strict=True):  # rounding grows with depth
+        np.testing.assert_allclose(one, other, rtol=0, atol=1e-3 * np.abs(other).max())
+    for one, other in zip(ours.facts, theirs.facts, strict=True):
+        assert one == pytest.approx(other, rel=1e-6)
 
 
 def test_tta_average_does_not_depend_on_orientation(varied_checkpoint, prepared_tree):

@@ -116,7 +116,7 @@ def test_healthz_reports_the_model(client):
     assert answer["model"]["image_size"] == TINY_IMAGE_SIZE
     assert answer["threshold"] == 0.5
     assert answer["precision"] == "fp32"
-    assert answer["model"]["engine"] == answer["engine"] == "torch"  # no .onnx beside this checkpoint
+    assert answer["model"]["engine"] == answer["engine"] == "onnxruntime"
 
 
 @pytest.mark.parametrize("path", [SMALL_JPEG, HAM_JPEG, LARGE_JPEG], ids=["300x225", "600x450", "3008x2000"])

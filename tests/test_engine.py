@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +89,55 @@ def test_heat_map_is_grad_cam(served):
                 assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
 
 
-def test_a_checkpoint_is_served_by_the_export_of_that_very_file(trusted_checkpoint, tmp_path):
-    onnx_path = common.onnx_path_beside(trusted_checkpoint)
-    assert isinstance(engine.load_network(trusted_checkpoint), engine.OnnxEngine)
+def test_dihedral_views_are_torchs():
+    batch = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
+    ours = list(engine.dihedral_views(batch))
+    theirs = list(common.dihedral_views(torch.from_numpy(batch)))
+    assert len(ours) == len(theirs) == 8
+    for one, other in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(one, other.numpy())
+        assert one.flags.c_contiguous
+
+
+def test_a_checkpoint_alone_is_exported_once_beside_it(trusted_checkpoint, tmp_path, capsys):
+    checkpoint = Path(shutil.copy(trusted_checkpoint, tmp_path / "best_model.pth"))
+    onnx_path = tmp_path / "best_model.onnx"
+    assert isinstance(engine.load_network(checkpoint), engine.OnnxEngine)
+    assert capsys.readouterr().err.strip() == f"{checkpoint}: exported once to {onnx_path} for ONNX Runtime"
+    exported = onnx_path.stat().st_mtime_ns
+    again = engine.load_network(checkpoint)
+    assert again.meta["checkpoint_sha256"] == scoring.file_sha256(checkpoint)
+    assert onnx_path.stat().st_mtime_ns == exported and capsys.readouterr().err == ""
     assert isinstance(engine.load_network(onnx_path), engine.OnnxEngine)
-    # Retrained since the export: the .onnx beside it is stale, and torch scores the checkpoint.
-    retrained = make_random_checkpoint(tmp_path / "best_model.pth")
-    shutil.copy(onnx_path, tmp_path / "best_model.onnx")
-    assert isinstance(engine.load_network(retrained), common.TorchNetwork)
+    # Retrained since the export: the .onnx beside it is stale, and is exported again.
+    retrained = make_random_checkpoint(checkpoint)
+    assert engine.load_network(retrained).meta["checkpoint_sha256"] == scoring.file_sha256(retrained)
+    assert "exported once" in capsys.readouterr().err
+
+
+def test_a_checkpoint_in_a_folder_it_cannot_write_is_exported_to_a_temporary_file(trusted_checkpoint):
+    """Scored by ONNX Runtime all the same, and nothing is left behind anywhere."""
+    # Not pytest's tmp_path: its parent folders are private to the user running the tests.
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        checkpoint = Path(shutil.copy(trusted_checkpoint, folder / "best_model.pth"))
+        folder.chmod(0o555)
+        before = set(Path(tempfile.gettempdir()).glob("skin-lesion-onnx-*"))
+        code = f"import engine\nprint(engine.load_network({str(checkpoint)!r}).engine)"
+        result = subprocess.run(
+            [*as_a_user_without_write_access(), sys.executable, "-c", code],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "onnxruntime"
+        assert "exported to a temporary file" in result.stderr and "not writable" in result.stderr
+        assert list(folder.iterdir()) == [checkpoint]
+        assert set(Path(tempfile.gettempdir()).glob("skin-lesion-onnx-*")) == before
+
+
+def as_a_user_without_write_access():
+    """The command prefix that drops root's right to write anywhere (none for another user)."""
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
 
 
 def test_a_missing_or_foreign_onnx_file_is_a_checkpoint_error(tmp_path):
