@@ -103,7 +103,9 @@ class Predictor:
             logits, stage_means, feature_maps = self.network.outputs(np.stack([job[0] for job in jobs]))
             answers = self.rules.answers(logits, stage_means, [job[1] for job in jobs])
             heatmaps = [
-                self._heatmap(feature_maps[index : index + 1], answer) if explain else None
+                self._heatmap(feature_maps[index : index + 1], logits[index : index + 1], answer)
+                if explain
+                else None
                 for index, ((_, _, explain, _), answer) in enumerate(zip(jobs, answers, strict=True))
             ]
         except Exception as error:  # every request of the batch gets it (a JSON 500)
@@ -113,9 +115,9 @@ class Predictor:
         for (*_, future), answer, heatmap in zip(jobs, answers, heatmaps, strict=True):
             future.set_result((answer, heatmap))
 
-    def _heatmap(self, feature_map, answer):
+    def _heatmap(self, feature_map, logits, answer):
         """The heat map of one image for its answer's label: (H, W) floats in [0, 1]."""
-        return self.network.heatmaps(feature_map, [scoring.CLASS_NAMES.index(answer["label"])])[0]
+        return self.network.heatmaps(feature_map, logits, [scoring.CLASS_NAMES.index(answer["label"])])[0]
 
     def warm_up(self):
         """Pay the first-call costs (kernel selection, allocations) before the first user does."""

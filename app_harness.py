@@ -133,7 +133,11 @@ def precision_gap(checkpoint, paths, served=None):
     for start in range(0, len(paths), 64):  # batches of 64 keep 384-px memory modest
         images = [common.load_image(path, min_size=meta["image_size"]) for path in paths[start : start + 64]]
         batch = torch.stack([transform(image) for image in images])
-        plain = common.melanoma_probability(common.network_outputs(plain_model, batch, device)[0])
-        served_probability = common.melanoma_probability(served.outputs(served.batch(images))[0])
+        melanoma = common.melanoma_output(meta)
+        plain = common.melanoma_probability(
+            common.network_outputs(plain_model, batch, device)[0], melanoma=melanoma
+        )
+        served_logits = served.outputs(served.batch(images))[0]
+        served_probability = common.melanoma_probability(served_logits, melanoma=melanoma)
         gaps.append(np.abs(served_probability - plain).max())
     return float(max(gaps))

@@ -442,8 +442,9 @@ class TorchNetwork:
     def outputs(self, batch):
         return scoring_outputs(self.model, torch.from_numpy(batch), self.device)
 
-    def heatmaps(self, feature_maps, labels):
-        return class_activation_maps(feature_maps, self.classifier_weight, labels, self.meta["image_size"])
+    def heatmaps(self, feature_maps, logits, labels):
+        outputs = heatmap_outputs(logits, labels, self.meta)
+        return class_activation_maps(feature_maps, self.classifier_weight, outputs, self.meta["image_size"])
 
 
 def as_float64(tensor):

@@ -2,7 +2,7 @@
 
 `load_network` picks it for a model file, or torch where it cannot serve (common.TorchNetwork);
 both give `batch(images)`, `outputs(batch)` -> (logits, stage means, last feature maps) and
-`heatmaps(feature_maps, labels)`, so the app, predict.py and analysis.py score alike on either.
+`heatmaps(feature_maps, logits, labels)`, so the app, predict.py and analysis.py score alike on either.
 Below them: image files decoded in worker processes into batches for either network, and
 test-time augmentation on a batch (analysis.py --tta), in NumPy.
 """
@@ -66,10 +66,12 @@ class OnnxEngine:
         logits, *stage_means, feature_maps = self.session.run(None, {scoring.ONNX_INPUT: batch})
         return logits.astype(np.float64), [means.astype(np.float64) for means in stage_means], feature_maps
 
-    def heatmaps(self, feature_maps, labels):
-        """Each image's heat map for its label (scoring.class_activation_maps), at the input size."""
+    def heatmaps(self, feature_maps, logits, labels):
+        """Each image's heat map for its label (scoring.class_activation_maps of the output
+        scoring.heatmap_outputs picks), at the input size."""
+        outputs = scoring.heatmap_outputs(logits, labels, self.meta)
         return scoring.class_activation_maps(
-            feature_maps, self.classifier_weight, labels, self.meta["image_size"]
+            feature_maps, self.classifier_weight, outputs, self.meta["image_size"]
         )
 
 

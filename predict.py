@@ -208,7 +208,7 @@ def score_batch(network, rules, images, items, heatmaps=None):
     logits, stage_means, feature_maps = network.outputs(images)
     answers = rules.answers(logits, stage_means, [item.facts for item in scored])
     if heatmaps is not None:
-        write_heatmaps(network, feature_maps, scored, answers, heatmaps)
+        write_heatmaps(network, feature_maps, logits, scored, answers, heatmaps)
     return {item.index: answer for item, answer in zip(scored, answers, strict=True)}
 
 
@@ -217,10 +217,10 @@ def file_row(file, answer, error):
     return {"file": file, **{column: (answer or {}).get(column) for column in ANSWER_COLUMNS}, "error": error}
 
 
-def write_heatmaps(network, feature_maps, scored, answers, destinations):
+def write_heatmaps(network, feature_maps, logits, scored, answers, destinations):
     """The heat map of each scored image for its label, drawn as the app draws it."""
     labels = [scoring.CLASS_NAMES.index(answer["label"]) for answer in answers]
-    masks = network.heatmaps(feature_maps, labels)
+    masks = network.heatmaps(feature_maps, logits, labels)
     for item, mask in zip(scored, masks, strict=True):
         with scoring.atomic_output(destinations[item.index]) as file:
             file.write(scoring.heatmap_png(item.image, mask))

@@ -158,7 +158,7 @@ def pipeline_loader(source, folder, count, size, args, device):
     settings = ["--data", str(folder), "--image-size", str(size), "--batch-size", str(args.batch_size)]
     settings += ["--workers", str(args.workers)]
     loader_args = model.parse_args(model.get_args_parser(), settings)
-    return model.train_loader(loader_args, model.Runtime(device, None))
+    return model.train_loader(loader_args, model.Runtime(device, None), model.Head())
 
 
 def bench_size(size, args, device):

@@ -426,7 +426,8 @@ def before_and_after(metric, labels, uncalibrated, calibrated):
 
 def calibration_report(meta, rules, labels, logits):
     """What calibration changes on the test split, and what it must leave alone."""
-    uncalibrated, calibrated = common.melanoma_probability(logits), rules.probabilities(logits)
+    uncalibrated = common.melanoma_probability(logits, melanoma=rules.melanoma)
+    calibrated = rules.probabilities(logits)
     roc_auc = before_and_after(metrics.roc_auc, labels, uncalibrated, calibrated)
     melanoma_before = metrics.predict_labels(uncalibrated, meta["threshold_uncalibrated"])
     melanoma_after = metrics.predict_labels(calibrated, meta["threshold"])

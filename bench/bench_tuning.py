@@ -1,41 +1,61 @@
-"""Recipe tuning on the validation split: how bench_quality.py's "ours" settings were chosen.
+"""Recipe tuning on the validation split, at equal wall time: how bench_quality.py's "ours" was chosen.
 
-Prepares ../shared/data/ham10000_300 (the same seeded, lesion-grouped split as bench_quality.py;
-train/ imbalanced, and balanced with augmented copies for the candidates that ask), trains
-model.py once per candidate setting, and prints each candidate's validation ROC AUC per epoch,
-and with --tta the validation AUC of its best
-checkpoint under test-time augmentation. Test images are never scored here: the test/ folder of
-the prepared trees is emptied before training.
+Prepares ../shared/data/ham10000_300 (the same seeded, lesion-grouped split as bench_quality.py,
+train/ imbalanced), measures what an epoch costs on this machine (bench/budget.py), then trains
+model.py once per candidate with as many epochs as fit the same training budget (and
+--time-budget as the guard), and scores each candidate's best checkpoint on validation with
+analysis.py. Test images are never scored here: the test/ folder is emptied before training.
 
-    python bench/bench_tuning.py                        # every candidate: about 12 min each on 2 cores
-    python bench/bench_tuning.py --candidates lr1e-3 --reuse
+    python bench/bench_tuning.py                          # every candidate, 6 minutes each
+    python bench/bench_tuning.py --budget 3 --limit 1500  # a quick run of the same code
+    python bench/bench_tuning.py --candidates diagnosis --reuse
 
-Validation has about 1,600 images of which about 180 are melanoma, so AUC differences below
-about 0.02 are within noise; prefer the simpler or cheaper setting when candidates are that close.
+The tie rule, fixed before the runs: the highest validation ROC AUC wins, but a candidate within
+TIE_MARGIN of it that switches fewer options on wins instead (the simpler recipe). The printed
+noise band is each candidate's 95% bootstrap interval, and the paired bootstrap interval of its
+AUC minus the baseline's on the same validation images.
 """
 
 import argparse
+import csv
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 from bench_quality import DATA, ROOT, finish_report, limited_csv, run_stage, start_run
+from budget import epochs_within, measure_costs, recipe_settings, training_seconds
 
-# model.py flags of each candidate, on top of the common ones (random init, --image-size,
-# --epochs, batch size). The default lr 3e-4 suits fine-tuning ImageNet weights; from random
-# initialisation a larger step may be needed, which is what these candidates measure.
-CANDIDATES = {
-    "default": [],
-    "lr1e-3": ["--lr", "1e-3", "--warmup-epochs", "0.5"],
-    "lr2e-3": ["--lr", "2e-3", "--warmup-epochs", "0.5"],
-    "lr1e-3_unweighted": ["--lr", "1e-3", "--warmup-epochs", "0.5", "--class-weights", "none"],
-    "lr1e-3_balanced": ["--lr", "1e-3", "--warmup-epochs", "0.5"],
-    "lr1e-3_160px": ["--lr", "1e-3", "--warmup-epochs", "0.5", "--image-size", "160"],
+import metrics
+
+# On top of every candidate: random initialisation and the peak learning rate chosen by the
+# previous round of tuning for it (1e-3 with half an epoch of warm-up; docs/measurements.md).
+COMMON = ["--weights", "none", "--lr", "1e-3", "--warmup-epochs", "0.5"]
+OFF = {"targets": ["--targets", "melanoma"], "ema": ["--ema-decay", "0"], "progressive": []}
+ON = {
+    "targets": ["--targets", "diagnosis"],
+    # A horizon of about 200 optimiser steps: about one epoch of the 5,600 training images at batch 32.
+    "ema": ["--ema-decay", "0.995"],
+    # EfficientNetV2's progressive learning at the CPU budget: 96 px growing to 160 px.
+    "progressive": ["--progressive-from", "96", "--image-size", "160"],
 }
-# Candidates trained on prepdata's balanced train/ (melanoma copies up to 1:1) instead of the
-# imbalanced one. They, and those at a larger --image-size, train for fewer epochs, so that each
-# candidate costs about the same time.
-BALANCED = {"lr1e-3_balanced"}
+CANDIDATES = {
+    "baseline": set(),  # bench_quality's previous "ours": two classes, fixed 128 px, no average
+    "diagnosis": {"targets"},
+    "ema": {"ema"},
+    "progressive": {"progressive"},
+    "all": {"targets", "ema", "progressive"},
+}
+TIE_MARGIN = 0.005
+BASELINE = "baseline"
+
+
+def candidate_flags(name, image_size):
+    options = CANDIDATES[name]
+    flags = ["--image-size", str(image_size)]
+    for option in ("targets", "ema", "progressive"):
+        flags += ON[option] if option in options else OFF[option]
+    return [*COMMON, *flags]  # a later --image-size (progressive) wins in argparse
 
 
 def get_args_parser():
@@ -45,116 +65,174 @@ def get_args_parser():
     )
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "tuning", help="working folder")
     parser.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
-    parser.add_argument("--image-size", type=int, default=128, help="training size")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per candidate")
+    parser.add_argument("--budget", type=float, default=6.0, help="training minutes per candidate")
+    parser.add_argument("--image-size", type=int, default=128, help="size of the fixed-size candidates")
     parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N CSV rows (0: all)")
-    parser.add_argument(
-        "--tta", action="store_true", help="also score validation with test-time augmentation"
-    )
     parser.add_argument(
         "--reuse", action="store_true", help="keep a candidate's finished run instead of training it again"
     )
     return parser
 
 
-def prepare(args, balanced):
-    """The prepared tree: train/ imbalanced, or balanced with augmented melanoma copies."""
-    prepared = args.work / ("prepared_balanced" if balanced else "prepared")
+def prepare(args):
+    """The prepared tree (train/ imbalanced), with test/ emptied: no test figure is ever seen here."""
+    prepared = args.work / "prepared"
     if not (args.reuse and (prepared / "manifest.csv").is_file()):
         run_stage(
             {}, "prepdata", "prepdata.py",
             "--csv", limited_csv(args.data, args.work, args.limit), "--images", args.data / "images",
             "--metadata", args.data / "HAM10000_metadata.csv", "--out", prepared, "--overwrite",
-            *([] if balanced else ["--no-balance"]),
+            "--no-balance",
         )  # fmt: skip
-    # model.py scores test/ at the end of a run: empty it, so that no test figure is ever seen
-    # while choosing (the split itself stays bench_quality.py's).
     shutil.rmtree(prepared / "test")
     (prepared / "test").mkdir()
     return prepared
 
 
-def train_images(prepared):
-    return sum(1 for _ in (prepared / "train").iterdir())
+def image_count(folder):
+    return sum(1 for _ in folder.iterdir())
 
 
-def candidate_epochs(name, args, trees):
-    """args.epochs, scaled down for a larger train/ or image size to about the same compute."""
-    flags, scale = CANDIDATES[name], 1.0
-    if name in BALANCED:
-        scale *= train_images(trees[False]) / train_images(trees[True])
-    if "--image-size" in flags:
-        scale *= (args.image_size / int(flags[flags.index("--image-size") + 1])) ** 2
-    return max(1, round(args.epochs * scale))
+def plan(args, prepared):
+    """{candidate: (flags, epochs, planned seconds)} for the same budget, from measured costs."""
+    flags = {name: candidate_flags(name, args.image_size) for name in args.candidates}
+    costs = measure_costs(prepared / "train", list(flags.values()), args.batch_size, args.workers)
+    print("Seconds per image: train " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.train.items()))
+    print("                   validation " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.val.items()))
+    counts = image_count(prepared / "train"), image_count(prepared / "val")
+    plans = {}
+    for name, candidate in flags.items():
+        epochs = epochs_within(candidate, 60 * args.budget, costs, *counts)
+        planned = training_seconds(recipe_settings(candidate), epochs, costs, *counts)
+        plans[name] = (candidate, epochs, planned)
+        print(f"{name}: {epochs} epochs, planned {planned / 60:.1f} min")
+    return plans
 
 
-def finished(history_path, epochs):
-    """A run of `epochs` epochs that trained them all or stopped early on its own."""
-    if not history_path.is_file():
-        return False
-    history = json.loads(history_path.read_text())
-    done, settings = len(history["epochs"]), history["settings"]
-    stopped_early = history["best_epoch"] is not None and done - history["best_epoch"] >= settings["patience"]
-    return settings["epochs"] == epochs and (done == epochs or stopped_early)
-
-
-def train_candidate(name, args, trees):
-    out, timings = args.work / name, {}
-    prepared, epochs = trees[name in BALANCED], candidate_epochs(name, args, trees)
-    if not (args.reuse and finished(out / "training_history.json", epochs)):
+def train_candidate(name, plan_of, args, prepared):
+    flags, epochs, planned = plan_of
+    out = args.work / name
+    if not (args.reuse and (out / "val_analysis" / "predictions.csv").is_file()):
         run_stage(
-            timings, "model", "model.py",
-            "--data", prepared, "--out", out, "--weights", "none", "--image-size", args.image_size,
-            "--epochs", epochs, "--batch-size", args.batch_size, "--accumulation-steps", 1,
-            *CANDIDATES[name],
+            {}, "model", "model.py", "--data", prepared, "--out", out, *flags, "--epochs", epochs,
+            "--batch-size", args.batch_size, "--accumulation-steps", 1, "--workers", args.workers,
+            "--patience", epochs, "--time-budget", round(1.1 * args.budget, 2),
+        )  # fmt: skip
+        run_stage(
+            {}, "analysis", "analysis.py", "--model", out / "best_model.pth", "--data", prepared / "val",
+            "--out", out / "val_analysis",
         )  # fmt: skip
     history = json.loads((out / "training_history.json").read_text())
-    aucs = [epoch["val_auc"] for epoch in history["epochs"]]
-    outcome = {
+    return {
         "candidate": name,
-        "best_epoch": history["best_epoch"],
-        "val_auc": aucs,
-        "epochs": len(aucs),
-        "train_s": sum(epoch["seconds"] for epoch in history["epochs"]),
+        "flags": flags,
+        "planned_epochs": epochs,
+        "planned_s": planned,
+        "history": history,
+        "predictions": read_predictions(out / "val_analysis" / "predictions.csv"),
     }
-    if args.tta:
-        run_stage(
-            timings, "tta", "analysis.py", "--model", out / "best_model.pth", "--data", prepared / "val",
-            "--out", out / "val_tta", "--tta", "--bootstrap", 200,
-        )  # fmt: skip
-        outcome["val_auc_tta"] = json.loads((out / "val_tta" / "metrics.json").read_text())["roc_auc"]
-    return outcome
+
+
+def read_predictions(path):
+    """{file: (label, uncalibrated probability)}: the ranking, as training validated it."""
+    with open(path, newline="") as file:
+        return {
+            row["file"]: (int(row["label"]), float(row["probability_uncalibrated"]))
+            for row in csv.DictReader(file)
+        }
+
+
+def paired_auc_difference(candidate, baseline, resamples=1000, seed=0):
+    """The 95% bootstrap interval of AUC(candidate) - AUC(baseline), resampling the same images."""
+    files = sorted(baseline)
+    labels = np.array([baseline[file][0] for file in files])
+    ours = np.array([candidate[file][1] for file in files])
+    theirs = np.array([baseline[file][1] for file in files])
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(files), len(files))
+        if metrics.has_both_classes(labels[pick]):
+            differences.append(
+                metrics.roc_auc(labels[pick], ours[pick]) - metrics.roc_auc(labels[pick], theirs[pick])
+            )
+    return metrics.percentile_interval(np.array(differences))
+
+
+def auc_with_interval(predictions, resamples=1000, seed=0):
+    labels = np.array([label for label, _ in predictions.values()])
+    scores = np.array([score for _, score in predictions.values()])
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(labels), len(labels))
+        if metrics.has_both_classes(labels[pick]):
+            aucs.append(metrics.roc_auc(labels[pick], scores[pick]))
+    return metrics.roc_auc(labels, scores), metrics.percentile_interval(np.array(aucs))
+
+
+def chosen(outcomes):
+    """The tie rule: the best AUC, unless a candidate with fewer options is within TIE_MARGIN."""
+    best = max(outcome["auc"] for outcome in outcomes)
+    tied = [outcome for outcome in outcomes if outcome["auc"] >= best - TIE_MARGIN]
+    return min(tied, key=lambda outcome: (len(CANDIDATES[outcome["candidate"]]), -outcome["auc"]))
 
 
 def report_lines(outcomes, args):
     lines = [
-        f"validation split of ham10000_300, random init, {args.image_size} px, {args.epochs} epochs "
-        f"(fewer for a balanced train/ or a larger size, for the same compute), batch {args.batch_size}",
+        f"validation split of ham10000_300, random init, {args.budget:g} training minutes per candidate "
+        f"(epochs planned from costs measured in this run), batch {args.batch_size}; tie rule: best AUC, "
+        f"unless a simpler candidate is within {TIE_MARGIN}",
         "",
-        "| candidate | train/ | model.py flags | epochs | val AUC per epoch | best | with --tta | train s |",
+        "| candidate | options | epochs | sizes | val AUC per epoch (EMA) | best val AUC [95% CI] "
+        "| minus baseline [paired 95% CI] | train s (planned) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for outcome in outcomes:
-        per_epoch = " ".join("n/a" if auc is None else f"{auc:.3f}" for auc in outcome["val_auc"])
-        best = outcome["val_auc"][outcome["best_epoch"] - 1]
-        tta = outcome.get("val_auc_tta")
-        lines.append(
-            f"| {outcome['candidate']} | {'balanced' if outcome['candidate'] in BALANCED else 'imbalanced'} "
-            f"| `{' '.join(CANDIDATES[outcome['candidate']]) or '(defaults)'}` | {outcome['epochs']} "
-            f"| {per_epoch} | {best:.3f} | {'n/a' if tta is None else f'{tta:.3f}'} "
-            f"| {outcome['train_s']:.0f} |"
+        epochs = outcome["history"]["epochs"]
+        per_epoch = " ".join(
+            f"{epoch['val_auc']:.3f}" + (f" ({epoch['ema_val_auc']:.3f})" if "ema_val_auc" in epoch else "")
+            for epoch in epochs
         )
+        sizes = "-".join(str(epoch["image_size"]) for epoch in epochs)
+        low, high = outcome["interval"]
+        difference = outcome.get("difference")
+        versus = (
+            "-"
+            if difference is None
+            else f"{difference[0]:+.3f} [{difference[1][0]:+.3f}, {difference[1][1]:+.3f}]"
+        )
+        lines.append(
+            f"| {outcome['candidate']} | {', '.join(sorted(CANDIDATES[outcome['candidate']])) or 'none'} "
+            f"| {len(epochs)}/{outcome['planned_epochs']} | {sizes} | {per_epoch} "
+            f"| {outcome['auc']:.3f} [{low:.3f}, {high:.3f}] | {versus} "
+            f"| {sum(epoch['seconds'] for epoch in epochs):.0f} ({outcome['planned_s']:.0f}) |"
+        )
+    lines.append(f"\nchosen by the tie rule: {chosen(outcomes)['candidate']}")
     return lines
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     start = start_run(args)
-    kinds = [False, True] if any(name in BALANCED for name in args.candidates) else [False]
-    trees = {balanced: prepare(args, balanced) for balanced in kinds}
-    outcomes = [train_candidate(name, args, trees) for name in args.candidates]
+    prepared = prepare(args)
+    plans = plan(args, prepared)
+    outcomes = [train_candidate(name, plans[name], args, prepared) for name in args.candidates]
+    baseline = next((outcome for outcome in outcomes if outcome["candidate"] == BASELINE), None)
+    for outcome in outcomes:
+        outcome["auc"], outcome["interval"] = auc_with_interval(outcome["predictions"])
+        if baseline is not None and outcome is not baseline:
+            difference = outcome["auc"] - auc_with_interval(baseline["predictions"])[0]
+            outcome["difference"] = (
+                difference,
+                paired_auc_difference(outcome["predictions"], baseline["predictions"]),
+            )
     finish_report(report_lines(outcomes, args), start, args.work / "tuning_report.md")
+    for outcome in outcomes:
+        del outcome["predictions"]
+    (args.work / "tuning.json").write_text(json.dumps(outcomes, indent=2, default=list))
 
 
 if __name__ == "__main__":

@@ -84,15 +84,18 @@ def make_random_checkpoint(path, image_size=TINY_IMAGE_SIZE, threshold=0.5, seed
     return Path(path)
 
 
-def make_varied_checkpoint(path, photos, image_size=TINY_IMAGE_SIZE, threshold=0.5, **extra):
-    """A random-weight checkpoint whose scores differ from image to image, as a trained one's do.
+def make_varied_checkpoint(path, photos, image_size=TINY_IMAGE_SIZE, threshold=0.5, diagnoses=None, **extra):
+    """A random-weight checkpoint whose scores differ from image to image, as a trained one's do;
+    with `diagnoses`, a diagnosis head (one output each).
 
     A fresh EfficientNet's batch-norm statistics (mean 0, variance 1) shrink its features to
     about 1e-7, so every image gets the same score, which hides ranking and precision errors;
     statistics recomputed on the real `photos` give each image its own score.
     """
     torch.manual_seed(0)
-    model = common.SkinLesionModel(weights="none")
+    model = common.SkinLesionModel(weights="none", num_classes=len(diagnoses or common.CLASS_NAMES))
+    if diagnoses:
+        extra |= {"targets": "diagnosis", "diagnoses": list(diagnoses)}
     meta = common.checkpoint_metadata(image_size=image_size, threshold=threshold, **extra)
     transform = common.checkpoint_transform(meta)
     batch = torch.stack([transform(common.load_image(photo, min_size=image_size)) for photo in photos])

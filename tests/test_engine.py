@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HAM_JPEG, HAM_SAMPLE, LARGE_JPEG, ROOT, SMALL_JPEG, make_random_checkpoint
+from conftest import (
+    HAM_JPEG,
+    HAM_SAMPLE,
+    LARGE_JPEG,
+    ROOT,
+    SMALL_JPEG,
+    make_random_checkpoint,
+    make_varied_checkpoint,
+)
 
 import app_harness
 import common
@@ -75,10 +83,10 @@ def test_heat_map_is_grad_cam(served):
     onnx_engine, network, meta = served
     images = decoded(PHOTOS[:4], meta["image_size"])
     batch = onnx_engine.batch(images)
-    _, _, feature_maps = onnx_engine.outputs(batch)
+    logits, _, feature_maps = onnx_engine.outputs(batch)
     for label in (common.MELANOMA, common.NON_MELANOMA):
         labels = [label] * len(images)
-        ours = onnx_engine.heatmaps(feature_maps, labels)
+        ours = onnx_engine.heatmaps(feature_maps, logits, labels)
         theirs = grad_cam_masks(network, torch.from_numpy(batch), labels)
         assert ours.shape == theirs.shape
         for one, other in zip(ours, theirs, strict=True):
@@ -86,6 +94,30 @@ def test_heat_map_is_grad_cam(served):
             if other.max() == 0:  # no channel speaks for this label anywhere: both maps are empty
                 assert one.max() == 0
             else:
+                assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
+
+
+def test_a_diagnosis_head_serves_its_melanoma_probability_and_grad_cam(tmp_path):
+    """A diagnosis head through the engine: the melanoma output's softmax probability, and for
+    each label the Grad-CAM of the output scoring.heatmap_outputs picks."""
+    checkpoint = make_varied_checkpoint(tmp_path / "best_model.pth", PHOTOS, diagnoses=["bkl", "mel", "nv"])
+    served = engine.OnnxEngine(common.export_onnx(checkpoint, common.onnx_path_beside(checkpoint)))
+    network, meta = common.load_scoring_model(checkpoint)
+    batch = served.batch(decoded(PHOTOS[:4], meta["image_size"]))
+    logits, _, feature_maps = served.outputs(batch)
+    assert logits.shape == (4, 3)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        common.ScoringRules(served.meta).probabilities(logits), softmax[:, 1], rtol=1e-9
+    )
+    for label in (common.MELANOMA, common.NON_MELANOMA):
+        labels = [label] * len(batch)
+        outputs = common.heatmap_outputs(logits, labels, meta)
+        assert (set(outputs) == {1}) if label == common.MELANOMA else (1 not in outputs)
+        ours = served.heatmaps(feature_maps, logits, labels)
+        theirs = grad_cam_masks(network, torch.from_numpy(batch), outputs)
+        for one, other in zip(ours, theirs, strict=True):
+            if other.max() > 0:
                 assert np.corrcoef(one.ravel(), other.ravel())[0, 1] > 0.999
 
 
