@@ -73,6 +73,8 @@ class Predictor:
             "melanoma_share": (self.rules.calibration or {}).get("melanoma_share"),
             "can_flag_images": self.rules.can_flag,
             "engine": self.network.engine,
+            # the head the melanoma probability comes from (model.py --targets)
+            "targets": self.meta.get("targets", "melanoma"),
         }
 
     def answer(self, image, explain=False):

@@ -8,6 +8,7 @@ machine, just before the runs. An epoch then costs its training images at its si
 validation pass (two with the moving average of the weights), plus a fixed overhead.
 """
 
+import os
 import sys
 import tempfile
 import time
@@ -49,7 +50,8 @@ def sizes_of(settings):
 
 
 def measure_costs(train_folder, recipes, batch_size, workers, steps=3, warmup=1):
-    """Costs at every size the recipes (lists of model.py flags) train and score at."""
+    """Costs at every size the recipes (lists of model.py flags) train and score at. Other work
+    on the machine inflates them (and shrinks the plans): the load average is printed."""
     device = torch.device("cpu")
     amp_dtype = common.choose_amp_dtype(device, "auto")
     mode = "channels_last+bf16" if amp_dtype == torch.bfloat16 else "channels_last"
@@ -63,6 +65,9 @@ def measure_costs(train_folder, recipes, batch_size, workers, steps=3, warmup=1)
             costs.train[size] = 1 / bench_train.images_per_second(loader, device, mode, warmup)
     for size in sorted({recipe.image_size for recipe in settings}):
         costs.val[size] = validation_seconds_per_image(size, batch_size, device)
+    print(f"Costs measured at load average {os.getloadavg()[0]:.2f} on {common.available_cores()} cores")
+    print("Seconds per image: train " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.train.items()))
+    print("                   validation " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.val.items()))
     return costs
 
 

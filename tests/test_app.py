@@ -36,7 +36,7 @@ import app_harness
 import common
 
 MODEL_FIELDS = {"arch", "image_size", "weights", "trained_at", "calibrated", "melanoma_share"}
-MODEL_FIELDS |= {"can_flag_images", "engine"}
+MODEL_FIELDS |= {"can_flag_images", "engine", "targets"}
 ANSWER_FIELDS = {"label", "probability", "threshold", "model", "warnings", "timing_ms", "calibrated"}
 ANSWER_FIELDS |= {"reliable", "reasons", "ood_score", "ood_threshold"}
 

@@ -194,7 +194,8 @@ def test_resume_refuses_to_change_what_the_run_computes():
 
 def test_training_run_writes_checkpoint_history_and_tests(prepared, tmp_path):
     """A user's run on the CPU: notice, per-epoch lines, loadable checkpoint, history, test report."""
-    result = run_script("model.py", *tiny_args(prepared, tmp_path, "--epochs", 2, "--workers", 1))
+    run = ["--epochs", 2, "--workers", 1, "--targets", "diagnosis", "--ema-decay", 0.5]
+    result = run_script("model.py", *tiny_args(prepared, tmp_path, *run))
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU found" in result.stdout and "random initialisation" in result.stdout
     assert (
@@ -243,7 +244,18 @@ def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
     """Interrupted after epoch 1, then resumed (with a loader worker this time): the same weights,
     moving average and history as a run that was never interrupted (diagnosis head, progressive
     resizing and the weights' moving average on)."""
-    run = ["--epochs", 2, "--patience", 5, "--progressive-from", 32, "--ema-decay", 0.5]
+    run = [
+        "--epochs",
+        2,
+        "--patience",
+        5,
+        "--progressive-from",
+        32,
+        "--ema-decay",
+        0.5,
+        "--targets",
+        "diagnosis",
+    ]
     model.main(tiny_args(prepared, tmp_path / "whole", *run, "--workers", 0))
 
     save_last = model.save_last_checkpoint
@@ -274,6 +286,36 @@ def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
             assert torch.equal(tensor, resumed[name]), name
 
 
+def test_the_moving_average_follows_every_optimiser_step():
+    """decay d: the first step's weights, then ema = d * ema + (1 - d) * weights after each step."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    args = SimpleNamespace(ema_decay=0.75)
+    trainer = model.Trainer(
+        network,
+        torch.optim.SGD(network.parameters(), lr=0.5),
+        torch.device("cpu"),
+        ema=model.weight_average(args, network),
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(6, 3, 2, 2), torch.tensor([0, 1] * 3)), batch_size=2
+    )
+    expected, weights = None, []
+    original_step = trainer.step
+
+    def step_and_remember():
+        original_step()
+        weights.append(network[1].weight.detach().clone())
+
+    trainer.step = step_and_remember
+    trainer.train_one_epoch(loader, show_progress=False)
+    for value in weights:
+        expected = value if expected is None else 0.75 * expected + 0.25 * value
+    assert len(weights) == 3
+    torch.testing.assert_close(trainer.ema.module[1].weight, expected)
+    assert model.weight_average(SimpleNamespace(ema_decay=0.0), network) is None
+
+
 def test_diagnosis_class_weights_keep_melanoma_against_the_rest_balanced():
     labels = [1] * 10 + [0] * 30
     head = model.Head(diagnoses=["bcc", "mel", "nv"])
@@ -287,7 +329,7 @@ def test_a_tree_without_diagnoses_falls_back_to_melanoma_with_a_notice(tmp_path,
     data = tmp_path / "data"
     for split, count in (("train", 3), ("val", 2)):
         make_prepared_folder(data / split, count=count)
-    model.main(tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 0, "--ema-decay", 0))
+    model.main(tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 0, "--targets", "diagnosis"))
     printed = capsys.readouterr().out
     assert "there is no" in printed and "training melanoma against the rest" in printed
     saved = torch.load(tmp_path / "out" / model.BEST_CHECKPOINT, weights_only=True)

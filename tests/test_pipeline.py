@@ -35,9 +35,13 @@ def test_four_stages_end_to_end(tmp_path):
         "--accumulation-steps", 2,
         "--weights", "none",
         "--workers", 0,
+        "--targets", "diagnosis",
     )  # fmt: skip
     assert train.returncode == 0, train.stderr
     checkpoint = torch.load(run / "best_model.pth", weights_only=True)
+    assert (
+        checkpoint["targets"] == "diagnosis" and "mel" in checkpoint["diagnoses"]
+    )  # every stage below reads it
     assert checkpoint["image_size"] == TINY_IMAGE_SIZE
     assert checkpoint["weights"] == "none"
     assert 0.0 <= checkpoint["threshold"] <= 1.0
