@@ -220,7 +220,11 @@ def report_lines(outcomes, args):
             f"| {outcome['auc']:.3f} [{low:.3f}, {high:.3f}] | {versus} "
             f"| {sum(epoch['seconds'] for epoch in epochs):.0f} ({outcome['planned_s']:.0f}) |"
         )
-    if any(outcome["candidate"] == BASELINE for outcome in outcomes):
+    cut = [outcome["candidate"] for outcome in outcomes if outcome["history"].get("stopped_by_time_budget")]
+    if cut:
+        # A run its guard ended trained fewer epochs than planned: not at equal wall time.
+        lines.append(f"\nended by the guard before their planned epochs, so not comparable: {', '.join(cut)}")
+    if any(outcome["candidate"] == BASELINE for outcome in outcomes) and BASELINE not in cut:
         lines.append(f"\noptions chosen by the rule: {', '.join(chosen_options(outcomes)) or 'none'}")
     return lines
 
