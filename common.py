@@ -146,6 +146,16 @@ class ManifestRow(NamedTuple):
 MANIFEST_COLUMNS = ManifestRow._fields
 
 
+def diagnosis_for(label, diagnosis):
+    """The label decides melanoma: a melanoma is 'mel' whatever else is recorded, and another
+    lesion recorded as 'mel' (a metadata file that disagrees with the labels) is 'unknown'."""
+    if label == MELANOMA:
+        return MELANOMA_DIAGNOSIS
+    if not diagnosis or diagnosis == MELANOMA_DIAGNOSIS:
+        return UNKNOWN_DIAGNOSIS
+    return diagnosis
+
+
 def write_manifest(path, rows):
     """manifest.csv: the rows in split order (train, val, test), by file name within a split;
     labels as 1/0, an unknown lesion as an empty field, augmented as yes/no."""

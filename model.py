@@ -482,10 +482,8 @@ class Head:
         ]
 
     def diagnosis(self, path, label):
-        if label == common.MELANOMA:  # the file name decides melanoma, as in every stage
-            return common.MELANOMA_DIAGNOSIS
-        recorded = self.by_file.get(Path(path).name, common.UNKNOWN_DIAGNOSIS)
-        return common.UNKNOWN_DIAGNOSIS if recorded == common.MELANOMA_DIAGNOSIS else recorded
+        """The file name decides melanoma, as in every stage (common.diagnosis_for)."""
+        return common.diagnosis_for(label, self.by_file.get(Path(path).name))
 
     def metadata(self):
         return {"targets": self.targets_name, "diagnoses": self.diagnoses}

@@ -227,7 +227,7 @@ def read_records(args):
             label,
             lesions.get(image_id),
             files[image_id],
-            diagnosis_for(label, diagnoses.get(image_id)),
+            common.diagnosis_for(label, diagnoses.get(image_id)),
         )
         for image_id, label in sorted(labels.items())
         if image_id in files
@@ -375,16 +375,6 @@ def one_hot_diagnosis(row, names):
     """The one column holding 1 (ISIC's 'unk' is an unknown diagnosis); none or several: unknown."""
     marked = [name for name in names if row.get(name, "") in ("1", "1.0")]
     return marked[0] if len(marked) == 1 and marked[0] != "unk" else common.UNKNOWN_DIAGNOSIS
-
-
-def diagnosis_for(label, diagnosis):
-    """The label decides melanoma: a melanoma is 'mel' whatever else is recorded, and another
-    lesion recorded as 'mel' (a metadata file that disagrees with the labels) is 'unknown'."""
-    if label == common.MELANOMA:
-        return common.MELANOMA_DIAGNOSIS
-    if not diagnosis or diagnosis == common.MELANOMA_DIAGNOSIS:
-        return common.UNKNOWN_DIAGNOSIS
-    return diagnosis
 
 
 def metadata_beside(csv_path):
