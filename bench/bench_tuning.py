@@ -24,7 +24,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 from bench_quality import DATA, ROOT, finish_report, limited_csv, run_stage, start_run
 from budget import epochs_within, measure_costs, recipe_settings, training_seconds
 
@@ -148,33 +147,22 @@ def read_predictions(path):
         }
 
 
-def paired_auc_difference(candidate, baseline, resamples=1000, seed=0):
-    """The 95% bootstrap interval of AUC(candidate) - AUC(baseline), resampling the same images."""
+def paired_auc_difference(candidate, baseline):
+    """The 95% paired bootstrap interval of AUC(candidate) - AUC(baseline) on the same images."""
     files = sorted(baseline)
-    labels = np.array([baseline[file][0] for file in files])
-    ours = np.array([candidate[file][1] for file in files])
-    theirs = np.array([baseline[file][1] for file in files])
-    rng = np.random.default_rng(seed)
-    differences = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(files), len(files))
-        if metrics.has_both_classes(labels[pick]):
-            differences.append(
-                metrics.roc_auc(labels[pick], ours[pick]) - metrics.roc_auc(labels[pick], theirs[pick])
-            )
-    return metrics.percentile_interval(np.array(differences))
+    return metrics.auc_difference_interval(
+        [baseline[file][0] for file in files],
+        [candidate[file][1] for file in files],
+        [baseline[file][1] for file in files],
+    )
 
 
-def auc_with_interval(predictions, resamples=1000, seed=0):
-    labels = np.array([label for label, _ in predictions.values()])
-    scores = np.array([score for _, score in predictions.values()])
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(labels), len(labels))
-        if metrics.has_both_classes(labels[pick]):
-            aucs.append(metrics.roc_auc(labels[pick], scores[pick]))
-    return metrics.roc_auc(labels, scores), metrics.percentile_interval(np.array(aucs))
+def auc_with_interval(predictions):
+    labels = [label for label, _ in predictions.values()]
+    scores = [score for _, score in predictions.values()]
+    # The threshold only matters to the sensitivity and specificity intervals, not used here.
+    interval = metrics.bootstrap_intervals(labels, scores, 0.5, resamples=1000, seed=0)["roc_auc"]
+    return metrics.roc_auc(labels, scores), interval
 
 
 def chosen_options(outcomes):

@@ -74,6 +74,29 @@ def test_bootstrap_is_seeded_and_skips_what_one_class_cannot_give():
     assert only_melanoma["sensitivity"][0] <= only_melanoma["sensitivity"][1]
 
 
+def test_stratified_resamples_keep_each_class_count():
+    labels, _ = synthetic_scores()
+    for index in metrics.stratified_resamples(labels, 5, seed=0):
+        assert np.bincount(labels[index]).tolist() == np.bincount(labels).tolist()
+
+
+def test_paired_auc_difference_cancels_what_two_rankings_share():
+    labels, probabilities = synthetic_scores()
+    noise = np.random.default_rng(1).normal(0, 1, len(labels))
+    assert metrics.auc_difference_interval(labels, probabilities, probabilities, 50) == [0.0, 0.0]
+    # A much noisier ranking: clearly worse, the interval holds the gain and excludes 0.
+    worse = probabilities + 0.3 * noise
+    low, high = metrics.auc_difference_interval(labels, probabilities, worse, resamples=100)
+    assert 0 < low < metrics.roc_auc(labels, probabilities) - metrics.roc_auc(labels, worse) < high
+    # A ranking that mostly agrees: the paired interval is far narrower than either AUC's own.
+    close = probabilities + 0.05 * noise
+    low, high = metrics.auc_difference_interval(labels, probabilities, close, resamples=100)
+    alone = metrics.bootstrap_intervals(labels, probabilities, 0.5, 100, seed=0)["roc_auc"]
+    assert high - low < (alone[1] - alone[0]) / 3
+    only = labels == metrics.MELANOMA
+    assert metrics.auc_difference_interval(labels[only], probabilities[only], worse[only]) is None
+
+
 @pytest.mark.parametrize(
     ("successes", "trials", "expected"),
     [(2, 2, [0.3424, 1.0]), (0, 10, [0.0, 0.2775]), (45, 50, [0.7864, 0.9565]), (0, 0, None)],
