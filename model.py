@@ -983,7 +983,8 @@ def new_history(monitor, runtime, args):
 
 
 def epoch_record(epoch, train, val, lr, seconds, image_size, ema_val=None):
-    """One epoch's figures; val_* are the weights', ema_val_* their moving average's."""
+    """One epoch's figures; val_* are the weights', ema_val_* their moving average's. `seconds`:
+    (the whole epoch's, its training part's)."""
     record = {
         "epoch": epoch,
         "image_size": image_size,
@@ -994,7 +995,8 @@ def epoch_record(epoch, train, val, lr, seconds, image_size, ema_val=None):
         "val_accuracy_at_0.5": val.accuracy_at_half(),
         "val_auc": val.auc(),
         "lr": lr,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds[0], 2),
+        "train_seconds": round(seconds[1], 2),
     }
     if ema_val is not None:
         record |= {"ema_val_loss": ema_val.loss(), "ema_val_auc": ema_val.auc()}
@@ -1088,13 +1090,15 @@ def restore(resume_state, trainer, plateau):
 
 def run_epoch(args, runtime, trainer, loaders, epoch):
     """Train one epoch, then score validation with the weights and with their moving average:
-    (train scores, val scores, EMA val scores or None), each of all processes."""
+    (train scores, val scores, EMA val scores or None, each of all processes; seconds of training)."""
     loaders["train"].sampler.set_epoch(epoch)
     # Dropout's stream, re-derived each epoch so that a resumed run draws the same numbers.
     torch.manual_seed(derived_seed(args.seed, TRAINING_STREAM, epoch, runtime.rank))
     description = f"Epoch {epoch + 1}/{args.epochs}"
     show_progress = common.show_progress(runtime.is_main)  # without bars, summary_line still logs each epoch
+    started = time.perf_counter()
     train = trainer.train_one_epoch(loaders["train"], description, show_progress)
+    train_seconds = time.perf_counter() - started
     validate = functools.partial(
         score_split, loader=loaders["val"], device=runtime.device, melanoma=trainer.melanoma,
         show_progress=show_progress,
@@ -1105,19 +1109,23 @@ def run_epoch(args, runtime, trainer, loaders, epoch):
         gather_scores(train, runtime),
         gather_scores(val, runtime),
         ema_val and gather_scores(ema_val, runtime),
+        train_seconds,
     )
 
 
 def next_epoch_overruns(args, history):
-    """Whether the next epoch, estimated from the last one (scaled by the pixels of its image size
-    under progressive resizing), would end past --time-budget minutes of training."""
+    """Whether the next epoch, estimated from the last one, would end past --time-budget minutes of
+    training. Under progressive resizing the training part scales with the pixels of the next
+    size; validation always runs at --image-size, so its part stays as it was."""
     epochs = history["epochs"]
     if not args.time_budget or not epochs:
         return False
     spent = sum(epoch["seconds"] for epoch in epochs)
     last = epochs[-1]
+    # A history written before train_seconds was recorded: the whole epoch scales.
+    training = last.get("train_seconds", last["seconds"])
     next_size = epoch_image_size(args, len(epochs))
-    estimate = last["seconds"] * (next_size / last["image_size"]) ** 2
+    estimate = training * (next_size / last["image_size"]) ** 2 + last["seconds"] - training
     return spent + estimate > 60 * args.time_budget
 
 
@@ -1155,11 +1163,12 @@ def train_model(args, runtime, resume_state=None):
             )
             break
         started = time.perf_counter()
-        train, val, ema_val = run_epoch(args, runtime, trainer, loaders, progress.epoch)
+        train, val, ema_val, train_seconds = run_epoch(args, runtime, trainer, loaders, progress.epoch)
         progress.epoch += 1
         lr = trainer.optimizer.param_groups[0]["lr"]
         size = epoch_image_size(args, progress.epoch - 1)
-        record = epoch_record(progress.epoch, train, val, lr, time.perf_counter() - started, size, ema_val)
+        seconds = (time.perf_counter() - started, train_seconds)
+        record = epoch_record(progress.epoch, train, val, lr, seconds, size, ema_val)
         record["selected"] = better_weights(record, monitor)
         value = record[f"ema_{monitor}" if record["selected"] == "ema" else monitor]
         is_best = improved(value, progress.best_value, monitor)

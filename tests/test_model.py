@@ -27,7 +27,7 @@ CHECKPOINT_KEYS = {"arch", "class_names", "image_size", "mean", "std", "threshol
 CHECKPOINT_KEYS |= {"weights", "epoch", "val_metrics", "versions", "model_state"}
 EPOCH_KEYS = {"epoch", "train_loss", "train_accuracy_at_0.5", "train_auc", "val_loss", "val_accuracy_at_0.5"}
 EPOCH_KEYS |= {"val_auc"}
-EPOCH_KEYS |= {"lr", "seconds", "image_size", "selected", "ema_val_loss", "ema_val_auc"}
+EPOCH_KEYS |= {"lr", "seconds", "train_seconds", "image_size", "selected", "ema_val_loss", "ema_val_auc"}
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +277,7 @@ def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
     for history in (whole, resumed):
         del history["settings"]["out"]
         for epoch in history["epochs"]:
-            del epoch["seconds"]
+            del epoch["seconds"], epoch["train_seconds"]
     assert resumed == whole
     assert [epoch["image_size"] for epoch in whole["epochs"]] == [32, TINY_IMAGE_SIZE]
     for checkpoint, part in ((model.BEST_CHECKPOINT, "model_state"), (model.LAST_CHECKPOINT, "ema")):
@@ -344,6 +344,18 @@ def test_time_budget_ends_training_cleanly_and_still_tests(prepared, tmp_path, c
     assert "ROC AUC:" in printed  # test/ is still scored
     history = json.loads((tmp_path / model.HISTORY_FILE).read_text())
     assert len(history["epochs"]) == 1 and history["stopped_by_time_budget"] is True
+
+
+def test_the_time_budget_scales_only_the_training_part_with_the_next_size():
+    """Epoch 1 took 100 s at 96 px, 80 of them training; epoch 2 trains at 160 px and validates at
+    160 px as before: 80 * (160 / 96)^2 + 20 = 242 s more, so 342 s in all."""
+    history = {"epochs": [{"seconds": 100.0, "train_seconds": 80.0, "image_size": 96}]}
+    args = SimpleNamespace(image_size=160, progressive_from=96, epochs=2)
+    assert not model.next_epoch_overruns(SimpleNamespace(**vars(args), time_budget=345 / 60), history)
+    assert model.next_epoch_overruns(SimpleNamespace(**vars(args), time_budget=340 / 60), history)
+    # A history from before train_seconds was recorded: the whole epoch scales (378 s in all).
+    del history["epochs"][0]["train_seconds"]
+    assert model.next_epoch_overruns(SimpleNamespace(**vars(args), time_budget=370 / 60), history)
 
 
 @pytest.mark.slow
