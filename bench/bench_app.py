@@ -8,13 +8,15 @@ starts `app.py` on it, on 127.0.0.1 (a free port) as a user would, posts real im
 (600x450 from ../shared/data/ham10000_sample, 1024x768 to 3008x2000 from large_photos), then
 from several clients at once, and prints p50/p95 latency as the client sees it, requests/s,
 errors, and the server's peak resident memory. Then, in this process, the model-only forward
-time (batch 1) of eager torch fp32 (the original project's serving path) and of the engine, and
+time (batch 1) of eager torch fp32 (the original project's serving path: the default NCHW
+layout; channels_last, this project's torch layout, is printed beside it) and of the engine, and
 the ratios of issue 11's targets. Speed does not depend on the weights' values, so
 without --model it serves a random-weight checkpoint. It also prints how far the probabilities of
 the precision the app scores in are from fp32 on real images, for the checkpoint served. It
 prints figures; it never fails on timing.
 """
 
+import copy
 import platform
 import statistics
 import sys
@@ -117,20 +119,30 @@ def run_benchmark(args, served):
 
 
 def forward_ms(checkpoint, onnx_path, photo, repeats=30):
-    """Median ms of one model-only forward pass at batch 1 on a 600x450 upload's input: eager
-    torch fp32 on the checkpoint as loaded (the original project's serving path), and the
-    engine on its export, each with all usable cores."""
+    """Median ms of one model-only forward pass at batch 1 on a 600x450 upload's input, each with
+    all usable cores: eager torch fp32 as the original project served it (the network in its
+    default memory layout, NCHW), the same network in channels_last (how this project's torch
+    paths load it; for reference), and the engine on its export."""
     network = engine.OnnxEngine(onnx_path, threads=common.available_cores())
-    model, meta = common.load_checkpoint(checkpoint)
+    channels_last, meta = common.load_checkpoint(checkpoint)
+    original = copy.deepcopy(channels_last).to(memory_format=torch.contiguous_format)
     batch = network.batch([common.load_image(photo, min_size=meta["image_size"])])
     tensor = torch.from_numpy(batch)
 
-    @torch.inference_mode()
-    def eager():
-        model(tensor)
+    def eager(model):
+        @torch.inference_mode()
+        def step():
+            model(tensor)
 
+        return step
+
+    steps = {
+        "eager": eager(original),
+        "eager_channels_last": eager(channels_last),
+        "engine": lambda: network.outputs(batch),
+    }
     timings = {}
-    for name, step in (("eager", eager), ("engine", lambda: network.outputs(batch))) * 2:  # round 1 warms up
+    for name, step in [*steps.items()] * 2:  # round 1 warms up
         timings[name] = statistics.median(timed(step) for _ in range(repeats))
     return timings
 
@@ -139,8 +151,8 @@ def report_targets(served, forward):
     """Issue 11's targets, as measured in this run."""
     engine_rate = 1000 / forward["engine"]
     print(
-        f"model-only forward, batch 1: eager torch fp32 {forward['eager']:.1f} ms, "
-        f"engine {forward['engine']:.1f} ms"
+        f"model-only forward, batch 1: eager torch fp32 {forward['eager']:.1f} ms (channels_last "
+        f"{forward['eager_channels_last']:.1f} ms), engine {forward['engine']:.1f} ms"
     )
     print(f"  600x450 p50 / eager forward:   {served['small_p50'] / forward['eager']:.2f} (target <= 0.70)")
     print(f"  600x450 p50 / engine forward:  {served['small_p50'] / forward['engine']:.2f} (target <= 1.15)")
