@@ -49,9 +49,11 @@ RECIPES = {
     },
     "original": {"prepdata": [], "model": ["--preset", "original"], "budget": False},
 }
-# The plan leaves this share of the budget for what it cannot foresee (the guard ends the run at
-# the budget itself, which would cut the schedule short).
-PLAN_SHARE = 0.97
+# The plan fills this share of the budget and leaves the rest for what it cannot foresee: the
+# guard ends the run at the budget itself, which cuts the schedule short. 0.97 was too little:
+# the 40-minute run on the 2-core AMD EPYC overran its plan by 4.8% over 5 epochs (13% in the
+# first), and the guard dropped the sixth (docs/measurements.md).
+PLAN_SHARE = 0.93
 
 
 # The plots the README shows (the others stay in the working folder).
