@@ -982,9 +982,8 @@ def new_history(monitor, runtime, args):
     }
 
 
-def epoch_record(epoch, train, val, lr, seconds, image_size, ema_val=None):
-    """One epoch's figures; val_* are the weights', ema_val_* their moving average's. `seconds`:
-    (the whole epoch's, its training part's)."""
+def epoch_record(epoch, train, val, lr, seconds, train_seconds, image_size, ema_val=None):
+    """One epoch's figures; val_* are the weights', ema_val_* their moving average's."""
     record = {
         "epoch": epoch,
         "image_size": image_size,
@@ -995,8 +994,8 @@ def epoch_record(epoch, train, val, lr, seconds, image_size, ema_val=None):
         "val_accuracy_at_0.5": val.accuracy_at_half(),
         "val_auc": val.auc(),
         "lr": lr,
-        "seconds": round(seconds[0], 2),
-        "train_seconds": round(seconds[1], 2),
+        "seconds": round(seconds, 2),
+        "train_seconds": round(train_seconds, 2),
     }
     if ema_val is not None:
         record |= {"ema_val_loss": ema_val.loss(), "ema_val_auc": ema_val.auc()}
@@ -1167,8 +1166,8 @@ def train_model(args, runtime, resume_state=None):
         progress.epoch += 1
         lr = trainer.optimizer.param_groups[0]["lr"]
         size = epoch_image_size(args, progress.epoch - 1)
-        seconds = (time.perf_counter() - started, train_seconds)
-        record = epoch_record(progress.epoch, train, val, lr, seconds, size, ema_val)
+        seconds = time.perf_counter() - started
+        record = epoch_record(progress.epoch, train, val, lr, seconds, train_seconds, size, ema_val)
         record["selected"] = better_weights(record, monitor)
         value = record[f"ema_{monitor}" if record["selected"] == "ema" else monitor]
         is_best = improved(value, progress.best_value, monitor)
