@@ -910,8 +910,16 @@ def build_model(args, runtime, resume_state, head):
     return model
 
 
+def make_optimizer(parameters, device, lr, weight_decay):
+    """AdamW, fused into one kernel on the devices torch fuses it for: on the 2-core AMD EPYC a
+    step over EfficientNetV2-S's 21M parameters takes 13 ms fused against 46 ms (a few percent
+    of a training step at 64 px; docs/measurements.md)."""
+    fused = True if device.type in ("cpu", "cuda") else None
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def build_trainer(args, runtime, model, loader, head):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model.parameters(), runtime.device, args.lr, args.weight_decay)
     step_scheduler = None
     if args.schedule == "cosine":
         steps_per_epoch = len(

@@ -7,12 +7,13 @@
 
 (a) trains on random tensors already in memory; (b) trains from the JPEG files of a prepared
 train/ folder through model.py's own loader (decode, augmentation, workers). Both run model.py's
-Trainer, so (b)/(a) is the share of the model's speed that the input pipeline keeps (target 0.9).
-The first --warmup micro-batches of each run are not timed.
+Trainer and optimizer, so (b)/(a) is the share of the model's speed that the input pipeline keeps
+(target 0.9). The first --warmup micro-batches of each run are not timed.
 
-It also prints the memory one training step needs: the bytes autograd keeps for the backward pass
-(activations; the same on any device, so a CPU run tells what a GPU will need) plus weights,
-gradients and AdamW state, and on CUDA the measured peak allocation. It prints figures; it never
+It also prints what one AdamW step costs, fused (as model.py runs it) and not, and the memory one
+training step needs: the bytes autograd keeps for the backward pass (activations; the same on any
+device, so a CPU run tells what a GPU will need) plus weights, gradients and AdamW state, and on
+CUDA the measured peak allocation. It prints figures; it never
 fails on timing.
 """
 
@@ -99,7 +100,7 @@ def images_per_second(loader, device, mode, warmup):
     memory_format, amp_dtype = MODES[mode]
     torch.manual_seed(0)
     network = common.SkinLesionModel(weights="none").to(device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    optimizer = model.make_optimizer(network.parameters(), device, lr=1e-4, weight_decay=0.05)
     trainer = model.Trainer(network, optimizer, device, amp_dtype, memory_format=memory_format)
     timed = TimedLoader(loader, device)
     if device.type == "cuda":
@@ -108,6 +109,21 @@ def images_per_second(loader, device, mode, warmup):
     if device.type == "cuda":
         print(f"  {mode}: CUDA peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     return timed.images_per_second(warmup)
+
+
+def optimizer_step_seconds(device, fused, steps=5):
+    """One AdamW step over EfficientNetV2-S's parameters, with random gradients, after one untimed."""
+    network = common.SkinLesionModel(weights="none").to(device)
+    for parameter in network.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
+    optimizer.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def storage_key(tensor):
@@ -196,6 +212,9 @@ def main(argv=None):
     device = common.choose_device(args.device)
     threads, bf16 = torch.get_num_threads(), common.cpu_has_native_bf16()
     print(f"torch {torch.__version__}, {threads} CPU threads, CPU with native bf16: {bf16}")
+    if not args.memory_only and device.type in ("cpu", "cuda"):
+        plain, fused = (optimizer_step_seconds(device, fused) for fused in (None, True))
+        print(f"AdamW step (model.py fuses it): {1000 * fused:.1f} ms fused, {1000 * plain:.1f} ms not")
     for size in args.sizes:
         bench_size(size, args, device)
 

@@ -286,6 +286,37 @@ def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
             assert torch.equal(tensor, resumed[name]), name
 
 
+def test_the_fused_optimiser_resumes_the_state_of_the_unfused_one_and_steps_alike():
+    """Checkpoints written before model.py fused AdamW still resume, to the same next step."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    gradients = [[torch.randn_like(weight) for weight in weights] for _ in range(3)]
+
+    def step(parameters, optimizer, gradient):
+        for parameter, grad in zip(parameters, gradient, strict=True):
+            parameter.grad = grad.clone()
+        optimizer.step()
+
+    def unfused(parameters):
+        return torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.05)
+
+    expected = [torch.nn.Parameter(weight.clone()) for weight in weights]
+    optimizer = unfused(expected)
+    for gradient in gradients:
+        step(expected, optimizer, gradient)
+
+    resumed = [torch.nn.Parameter(weight.clone()) for weight in weights]
+    earlier = unfused(resumed)
+    for gradient in gradients[:2]:
+        step(resumed, earlier, gradient)
+    fused = model.make_optimizer(resumed, torch.device("cpu"), 1e-2, 0.05)
+    assert fused.defaults["fused"]
+    fused.load_state_dict(earlier.state_dict())
+    step(resumed, fused, gradients[2])
+    for got, want in zip(resumed, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_the_moving_average_follows_every_optimiser_step():
     """decay d: the first step's weights, then ema = d * ema + (1 - d) * weights after each step."""
     torch.manual_seed(0)
