@@ -9,11 +9,16 @@ analysis.py. Test images are never scored here: the test/ folder is emptied befo
     python bench/bench_tuning.py                          # every candidate, 13 minutes each
     python bench/bench_tuning.py --budget 3 --limit 1500  # a quick run of the same code
     python bench/bench_tuning.py --candidates diagnosis --reuse
+    python bench/bench_tuning.py --work bench_runs/tuning40 --budget 37.2 --baseline progressive \
+        --candidates progressive small_progressive balanced_progressive    # the third round
 
-The rule, fixed before the runs: an option joins the recipe when the candidate that switches it on
-alone beats the baseline's validation ROC AUC by more than TIE_MARGIN; a tie keeps the simpler
-recipe (the option off). With --candidates all as well, "all" replaces that union when it beats
-both the union's best single candidate and the baseline by the same margin. The printed noise
+The rule of the second round (options over --baseline baseline), fixed before the runs: an option
+joins the recipe when the candidate that switches it on alone beats the baseline's validation ROC
+AUC by more than TIE_MARGIN; a tie keeps the simpler recipe (the option off). With --candidates
+all as well, "all" replaces that union when it beats both the union's best single candidate and
+the baseline by the same margin. The rule of the third round (alternatives to bench_quality.py's
+ours, --baseline progressive, at its 40-minute budget), fixed before the runs: the best candidate
+that beats the baseline by more than TIE_MARGIN replaces it; otherwise the baseline stays. The printed noise
 band is each candidate's 95% bootstrap interval, and the paired bootstrap interval of its AUC minus
 the baseline's on the same validation images.
 """
@@ -32,20 +37,29 @@ import metrics
 # On top of every candidate: random initialisation and the peak learning rate chosen by the
 # previous round of tuning for it (1e-3 with half an epoch of warm-up; docs/measurements.md).
 COMMON = ["--weights", "none", "--lr", "1e-3", "--warmup-epochs", "0.5"]
-OFF = {"targets": ["--targets", "melanoma"], "ema": ["--ema-decay", "0"], "progressive": []}
+OFF = {"targets": ["--targets", "melanoma"], "ema": ["--ema-decay", "0"], "progressive": [], "small": []}
 ON = {
     "targets": ["--targets", "diagnosis"],
     # A horizon of about 200 optimiser steps: about one epoch of the 5,600 training images at batch 32.
     "ema": ["--ema-decay", "0.995"],
     # EfficientNetV2's progressive learning at the CPU budget: 96 px growing to 160 px.
     "progressive": ["--progressive-from", "96", "--image-size", "160"],
+    # Third round: more, smaller epochs in the same time: 64 px growing to 128 px.
+    "small": ["--progressive-from", "64", "--image-size", "128"],
 }
+# Not a model.py flag: the candidate trains on a train/ balanced 1:1 with augmented melanoma
+# copies (prepdata.py without --no-balance) and plain cross-entropy, as the original recipe does.
+BALANCED = "balanced"
+OPTION_ORDER = ("targets", "ema", "progressive", "small")
 CANDIDATES = {
     "baseline": set(),  # bench_quality's previous "ours": two classes, fixed 128 px, no average
     "diagnosis": {"targets"},
     "ema": {"ema"},
     "progressive": {"progressive"},
     "all": {"targets", "ema", "progressive"},
+    # Third round, against "progressive" (bench_quality.py's ours) at its 40-minute budget:
+    "small_progressive": {"small"},
+    "balanced_progressive": {"progressive", BALANCED},
 }
 DEFAULT_CANDIDATES = ["baseline", "diagnosis", "ema", "progressive"]
 TIE_MARGIN = 0.005
@@ -58,7 +72,7 @@ BASELINE = "baseline"
 def candidate_flags(name, image_size):
     options = CANDIDATES[name]
     flags = ["--image-size", str(image_size)]
-    for option in ("targets", "ema", "progressive"):
+    for option in OPTION_ORDER:
         flags += ON[option] if option in options else OFF[option]
     return [*COMMON, *flags]  # a later --image-size (progressive) wins in argparse
 
@@ -71,6 +85,12 @@ def get_args_parser():
     parser.add_argument("--work", type=Path, default=ROOT / "bench_runs" / "tuning", help="working folder")
     parser.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=DEFAULT_CANDIDATES)
     parser.add_argument("--budget", type=float, default=13.0, help="training minutes per candidate")
+    parser.add_argument(
+        "--baseline",
+        choices=list(CANDIDATES),
+        default=BASELINE,
+        help="the candidate the others are compared with",
+    )
     parser.add_argument("--image-size", type=int, default=128, help="size of the fixed-size candidates")
     parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
@@ -82,31 +102,45 @@ def get_args_parser():
 
 
 def prepare(args):
-    """The prepared tree (train/ imbalanced), with test/ emptied: no test figure is ever seen here."""
-    prepared = args.work / "prepared"
+    """{balanced: prepared tree} for the candidates' train/ kinds, each with test/ emptied: no test
+    figure is ever seen here. The split is the same (seeded); only train/'s copies differ."""
+    kinds = {BALANCED in CANDIDATES[name] for name in args.candidates}
+    return {balanced: prepare_tree(args, balanced) for balanced in sorted(kinds)}
+
+
+def prepare_tree(args, balanced):
+    prepared = args.work / ("prepared_balanced" if balanced else "prepared")
     if not (args.reuse and (prepared / "manifest.csv").is_file()):
         run_stage(
             {}, "prepdata", "prepdata.py",
             "--csv", limited_csv(args.data, args.work, args.limit), "--images", args.data / "images",
             "--metadata", args.data / "HAM10000_metadata.csv", "--out", prepared, "--overwrite",
-            "--no-balance",
+            *([] if balanced else ["--no-balance"]),
         )  # fmt: skip
     shutil.rmtree(prepared / "test")
     (prepared / "test").mkdir()
     return prepared
 
 
+def tree_of(name, trees):
+    return trees[BALANCED in CANDIDATES[name]]
+
+
 def image_count(folder):
     return sum(1 for _ in folder.iterdir())
 
 
-def plan(args, prepared):
+def plan(args, trees):
     """{candidate: (flags, epochs, planned seconds)} for the same budget, from measured costs."""
     flags = {name: candidate_flags(name, args.image_size) for name in args.candidates}
-    costs = measure_costs(prepared / "train", list(flags.values()), args.batch_size, args.workers)
-    counts = image_count(prepared / "train"), image_count(prepared / "val")
+    # Seconds per image do not depend on which train/ they are read from.
+    costs = measure_costs(
+        next(iter(trees.values())) / "train", list(flags.values()), args.batch_size, args.workers
+    )
     plans = {}
     for name, candidate in flags.items():
+        prepared = tree_of(name, trees)
+        counts = image_count(prepared / "train"), image_count(prepared / "val")
         epochs = epochs_within(candidate, 60 * args.budget, costs, *counts)
         planned = training_seconds(recipe_settings(candidate), epochs, costs, *counts)
         plans[name] = (candidate, epochs, planned)
@@ -114,8 +148,9 @@ def plan(args, prepared):
     return plans
 
 
-def train_candidate(name, plan_of, args, prepared):
+def train_candidate(name, plan_of, args, trees):
     flags, epochs, planned = plan_of
+    prepared = tree_of(name, trees)
     out = args.work / name
     if not (args.reuse and (out / "val_analysis" / "predictions.csv").is_file()):
         run_stage(
@@ -166,7 +201,7 @@ def auc_with_interval(predictions):
 
 
 def chosen_options(outcomes):
-    """The options of the recipe by the rule in the module's docstring (needs the baseline)."""
+    """The options of the recipe by the second round's rule (module docstring; needs "baseline")."""
     by_name = {outcome["candidate"]: outcome["auc"] for outcome in outcomes}
     baseline = by_name[BASELINE]
     singles = [name for name in by_name if len(CANDIDATES[name]) == 1]
@@ -176,6 +211,20 @@ def chosen_options(outcomes):
     if "all" in by_name and by_name["all"] > best_single + TIE_MARGIN:
         options = CANDIDATES["all"]
     return sorted(options)
+
+
+def chosen_candidate(outcomes, baseline):
+    """The third round's rule (module docstring): the best candidate that beats `baseline` by more
+    than TIE_MARGIN replaces it; otherwise the baseline stays."""
+    by_name = {outcome["candidate"]: outcome["auc"] for outcome in outcomes}
+    best = max(by_name, key=by_name.get)
+    return best if by_name[best] > by_name[baseline] + TIE_MARGIN else baseline
+
+
+def choice_line(outcomes, baseline):
+    if baseline == BASELINE:
+        return f"options chosen by the rule: {', '.join(chosen_options(outcomes)) or 'none'}"
+    return f"recipe chosen by the rule: {chosen_candidate(outcomes, baseline)}"
 
 
 def report_lines(outcomes, args):
@@ -212,18 +261,18 @@ def report_lines(outcomes, args):
     if cut:
         # A run its guard ended trained fewer epochs than planned: not at equal wall time.
         lines.append(f"\nended by the guard before their planned epochs, so not comparable: {', '.join(cut)}")
-    if any(outcome["candidate"] == BASELINE for outcome in outcomes) and BASELINE not in cut:
-        lines.append(f"\noptions chosen by the rule: {', '.join(chosen_options(outcomes)) or 'none'}")
+    if any(outcome["candidate"] == args.baseline for outcome in outcomes) and args.baseline not in cut:
+        lines.append("\n" + choice_line(outcomes, args.baseline))
     return lines
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     start = start_run(args)
-    prepared = prepare(args)
-    plans = plan(args, prepared)
-    outcomes = [train_candidate(name, plans[name], args, prepared) for name in args.candidates]
-    baseline = next((outcome for outcome in outcomes if outcome["candidate"] == BASELINE), None)
+    trees = prepare(args)
+    plans = plan(args, trees)
+    outcomes = [train_candidate(name, plans[name], args, trees) for name in args.candidates]
+    baseline = next((outcome for outcome in outcomes if outcome["candidate"] == args.baseline), None)
     for outcome in outcomes:
         outcome["auc"], outcome["interval"] = auc_with_interval(outcome["predictions"])
         if baseline is not None and outcome is not baseline:
