@@ -912,7 +912,7 @@ def build_model(args, runtime, resume_state, head):
 
 def make_optimizer(parameters, device, lr, weight_decay):
     """AdamW, fused into one kernel on the devices torch fuses it for: on the 2-core AMD EPYC a
-    step over EfficientNetV2-S's 21M parameters takes 13 ms fused against 46 ms (a few percent
+    step over EfficientNetV2-S's 21M parameters takes 14 ms fused against 46 ms (a few percent
     of a training step at 64 px; docs/measurements.md)."""
     fused = True if device.type in ("cpu", "cuda") else None
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)

@@ -13,8 +13,7 @@ Trainer and optimizer, so (b)/(a) is the share of the model's speed that the inp
 It also prints what one AdamW step costs, fused (as model.py runs it) and not, and the memory one
 training step needs: the bytes autograd keeps for the backward pass (activations; the same on any
 device, so a CPU run tells what a GPU will need) plus weights, gradients and AdamW state, and on
-CUDA the measured peak allocation. It prints figures; it never
-fails on timing.
+CUDA the measured peak allocation. It prints figures; it never fails on timing.
 """
 
 import sys
@@ -87,8 +86,7 @@ class TimedLoader:
         self.mark()
 
     def mark(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # GPU work is asynchronous: count it where it finishes
+        synchronize(self.device)
         self.times.append(time.perf_counter())
 
     def images_per_second(self, warmup):
@@ -111,6 +109,11 @@ def images_per_second(loader, device, mode, warmup):
     return timed.images_per_second(warmup)
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # GPU work is asynchronous: count it where it finishes
+
+
 def optimizer_step_seconds(device, fused, steps=5):
     """One AdamW step over EfficientNetV2-S's parameters, with random gradients, after one untimed."""
     network = common.SkinLesionModel(weights="none").to(device)
@@ -118,11 +121,11 @@ def optimizer_step_seconds(device, fused, steps=5):
         parameter.grad = torch.randn_like(parameter)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
     optimizer.step()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 

@@ -18,9 +18,9 @@ AUC by more than TIE_MARGIN; a tie keeps the simpler recipe (the option off). Wi
 all as well, "all" replaces that union when it beats both the union's best single candidate and
 the baseline by the same margin. The rule of the third round (alternatives to bench_quality.py's
 ours, --baseline progressive, at its 40-minute budget), fixed before the runs: the best candidate
-that beats the baseline by more than TIE_MARGIN replaces it; otherwise the baseline stays. The printed noise
-band is each candidate's 95% bootstrap interval, and the paired bootstrap interval of its AUC minus
-the baseline's on the same validation images.
+that beats the baseline by more than TIE_MARGIN replaces it; otherwise the baseline stays. The
+printed noise band is each candidate's 95% bootstrap interval, and the paired bootstrap interval
+of its AUC minus the baseline's on the same validation images.
 """
 
 import argparse
@@ -48,7 +48,8 @@ ON = {
     "small": ["--progressive-from", "64", "--image-size", "128"],
 }
 # Not a model.py flag: the candidate trains on a train/ balanced 1:1 with augmented melanoma
-# copies (prepdata.py without --no-balance) and plain cross-entropy, as the original recipe does.
+# copies (prepdata.py without --no-balance), as the original recipe does; model.py's class weights
+# are then 1:1, so the loss is plain cross-entropy.
 BALANCED = "balanced"
 OPTION_ORDER = ("targets", "ema", "progressive", "small")
 CANDIDATES = {
