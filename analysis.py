@@ -18,12 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-import common
+import cli
 import engine
+import errors
+import lesion_labels
 import metrics
+import prepared
 import report
+import scoring
 
 DPI = 110
 METRICS_FILE = "metrics.json"
@@ -44,7 +47,7 @@ OUTPUT_FILES = (
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Score a folder of mel_*/nomel_* images with a checkpoint; write plots, "
         "summary_report.txt and metrics.json."
     )
@@ -57,11 +60,11 @@ def get_args_parser():
         help="training history written by model.py (learning_curves.png is skipped when missing)",
     )
     add("--out", default="results", help="folder for the plots and reports")
-    add("--batch-size", type=common.positive_int, default=32, help="images per batch")
+    add("--batch-size", type=cli.positive_int, default=32, help="images per batch")
     add(
         "--workers",
-        type=common.non_negative_int,
-        default=min(4, common.available_cores()),
+        type=cli.non_negative_int,
+        default=min(4, cli.available_cores()),
         help="image-decoding worker processes (0 decodes in the main process)",
     )
     add("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -72,14 +75,14 @@ def get_args_parser():
     )
     add(
         "--bootstrap",
-        type=common.positive_int,
+        type=cli.positive_int,
         default=1000,
         help="bootstrap resamples for the 95%% confidence intervals",
     )
-    add("--seed", type=common.non_negative_int, default=0, help="seed of the bootstrap resampling")
+    add("--seed", type=cli.non_negative_int, default=0, help="seed of the bootstrap resampling")
     add(
         "--gallery",
-        type=common.positive_int,
+        type=cli.positive_int,
         default=8,
         help="worst false negatives and false positives shown",
     )
@@ -104,12 +107,12 @@ def read_history(path):
     try:
         history = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise common.UserError(f"{path}: not a readable training history ({error})") from None
+        raise errors.UserError(f"{path}: not a readable training history ({error})") from None
     if not isinstance(history, dict) or not isinstance(history.get("epochs"), list) or not history["epochs"]:
-        raise common.UserError(f"{path}: not a training history (no 'epochs' list with at least one epoch)")
+        raise errors.UserError(f"{path}: not a training history (no 'epochs' list with at least one epoch)")
     for epoch in history["epochs"]:
         if not isinstance(epoch, dict) or not all(is_number_or_null(epoch.get(key)) for key in HISTORY_KEYS):
-            raise common.UserError(
+            raise errors.UserError(
                 f"{path}: every epoch needs numbers (or null) for {', '.join(HISTORY_KEYS)}"
             )
     return history
@@ -126,35 +129,35 @@ def class_distribution(data_folder):
     train/val/test folders, or of the scored folder alone when it is not part of such a tree.
     """
     data_folder = Path(data_folder)
-    manifest = data_folder.parent / common.MANIFEST_FILE
+    manifest = data_folder.parent / prepared.MANIFEST_FILE
     if manifest.is_file():
-        rows = [(row.split, row.label, row.augmented) for row in common.read_manifest(manifest)]
+        rows = [(row.split, row.label, row.augmented) for row in prepared.read_manifest(manifest)]
         return distribution_table(rows), str(manifest)
-    if data_folder.name in common.SPLITS:
+    if data_folder.name in prepared.SPLITS:
         folders = [
-            data_folder.parent / split for split in common.SPLITS if (data_folder.parent / split).is_dir()
+            data_folder.parent / split for split in prepared.SPLITS if (data_folder.parent / split).is_dir()
         ]
     else:
         folders = [data_folder]
     rows = [
-        (folder.name, label, common.is_augmented_filename(path.name))
+        (folder.name, label, prepared.is_augmented_filename(path.name))
         for folder in folders
-        for path, label in common.list_prepared_images(folder)
+        for path, label in prepared.list_prepared_images(folder)
     ]
     return distribution_table(rows), "file names in " + ", ".join(str(folder) for folder in folders)
 
 
 def distribution_table(rows):
     counts = Counter(rows)
-    order = {split: index for index, split in enumerate(common.SPLITS)}  # train, val, test, then others
+    order = {split: index for index, split in enumerate(prepared.SPLITS)}  # train, val, test, then others
     splits = sorted({split for split, _, _ in rows}, key=lambda split: (order.get(split, len(order)), split))
     return {
         split: {
-            common.CLASS_NAMES[label]: {
+            lesion_labels.CLASS_NAMES[label]: {
                 "original": counts[(split, label, False)],
                 "augmented": counts[(split, label, True)],
             }
-            for label in (common.MELANOMA, common.NON_MELANOMA)
+            for label in (lesion_labels.MELANOMA, lesion_labels.NON_MELANOMA)
         }
         for split in splits
     }
@@ -164,40 +167,19 @@ def distribution_table(rows):
 
 
 def score_folder(network, samples, batch_size, workers, tta):
-    """(common.ScoredImages of the (path, label) `samples`, images scored per second): each image
-    decoded and scored as the app scores an upload (engine.ImageFiles), by the engine's network.
-    An image that cannot be scored stops the run with its one-line reason."""
+    """(engine.ScoredImages of the (path, label) `samples`, images scored per second), scored
+    by the engine's one loop, as the app scores an upload."""
     start = time.perf_counter()
-    paths = [str(path) for path, _ in samples]
-    image_files = engine.ImageFiles(paths, network.meta)
-    parts = {"logits": [], "stage_means": [], "facts": []}
-    with tqdm(
-        total=len(paths), unit="img", desc="Scoring", disable=not common.show_progress(), leave=False
-    ) as progress:
-        for batch, items in engine.decoded_batches(image_files, batch_size, workers):
-            for item in items:
-                if item.error is not None:
-                    reason = item.error.removeprefix("upload: ")  # the app's words name its upload
-                    raise common.ImageError(f"{paths[item.index]}: {reason}")
-            logits, stage_means = engine.batch_outputs(network, batch, tta)
-            parts["logits"].append(logits)
-            parts["stage_means"].append(stage_means)
-            parts["facts"] += [item.facts for item in items]
-            progress.update(len(items))
-    scored = common.ScoredImages(
-        np.array([label for _, label in samples]),
-        np.concatenate(parts["logits"]),
-        [np.concatenate(stage) for stage in zip(*parts["stage_means"], strict=True)],
-        parts["facts"],
-    )
+    paths, labels = zip(*samples, strict=True)
+    scored = engine.score_files(network, paths, labels, batch_size, workers, tta)
     return scored, len(paths) / (time.perf_counter() - start)
 
 
 def prepared_images(folder):
     """The (path, label) pairs of the folder's mel_*/nomel_* images; none is a user error."""
-    samples = common.list_prepared_images(folder)
+    samples = prepared.list_prepared_images(folder)
     if not samples:
-        raise common.UserError(f"{folder}: no mel_*/nomel_* images in this folder")
+        raise errors.UserError(f"{folder}: no mel_*/nomel_* images in this folder")
     return samples
 
 
@@ -244,7 +226,7 @@ def staged_results(out):
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out, prefix=".analysis-"))
     except OSError as error:
-        raise common.UserError(f"{out}: cannot write the results there ({error.strerror})") from None
+        raise errors.UserError(f"{out}: cannot write the results there ({error.strerror})") from None
     try:
         yield staging
         publish(staging, out)
@@ -274,8 +256,10 @@ def misclassified_rows(paths, labels, probabilities, threshold):
         for path, label, probability, decision in zip(paths, labels, probabilities, predicted, strict=True)
         if label != decision
     ]
-    missed = sorted((r for r in rows if r["label"] == common.MELANOMA), key=lambda r: r["probability"])
-    alarms = sorted((r for r in rows if r["label"] != common.MELANOMA), key=lambda r: -r["probability"])
+    missed = sorted((r for r in rows if r["label"] == lesion_labels.MELANOMA), key=lambda r: r["probability"])
+    alarms = sorted(
+        (r for r in rows if r["label"] != lesion_labels.MELANOMA), key=lambda r: -r["probability"]
+    )
     for row in missed:
         row["error"] = "false negative (missed melanoma)"
     for row in alarms:
@@ -319,10 +303,10 @@ def prediction_rows(paths, labels, uncalibrated, answers, threshold):
 def write_results(out, paths, labels, uncalibrated, answers, result, context, per_kind):
     """Every output file, staged first (see `staged_results`); returns the report's text."""
     probabilities = np.array([answer["probability"] for answer in answers])
-    errors = misclassified_rows(paths, labels, probabilities, result["threshold"])
+    mistakes = misclassified_rows(paths, labels, probabilities, result["threshold"])
     summary = report.summary_report(result, context)
-    metrics = {**result, "model": context["model"], "run": run_facts(context)}
-    figures = report.draw_figures(labels, probabilities, uncalibrated, result, context, errors, per_kind)
+    everything = {**result, "model": context["model"], "run": run_facts(context)}
+    figures = report.draw_figures(labels, probabilities, uncalibrated, result, context, mistakes, per_kind)
     with staged_results(out) as folder:
         for name, figure in figures.items():
             figure.savefig(folder / name, dpi=DPI)
@@ -334,11 +318,14 @@ def write_results(out, paths, labels, uncalibrated, answers, result, context, pe
         write_csv(
             folder / "misclassified.csv",
             ("file", "label", "probability", "error"),
-            [(row["file"], row["label"], row["probability"], row["error"]) for row in errors[0] + errors[1]],
+            [
+                (row["file"], row["label"], row["probability"], row["error"])
+                for row in mistakes[0] + mistakes[1]
+            ],
         )
         (folder / "summary_report.txt").write_text(summary, encoding="utf-8")
         (folder / METRICS_FILE).write_text(
-            json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+            json.dumps(everything, indent=2, allow_nan=False) + "\n", encoding="utf-8"
         )
     return summary
 
@@ -363,12 +350,12 @@ def model_facts(path, meta):
     }
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise common.UserError(f"{out}: exists and is not a folder (pass another --out)")
+        raise errors.UserError(f"{out}: exists and is not a folder (pass another --out)")
     # Every input is checked before the slow scoring starts; the network last, since a
     # checkpoint without its exported network is exported first (engine.load_network).
     samples = prepared_images(args.data)
@@ -382,9 +369,9 @@ def main(argv=None):
     device = f"{network.device}"
     setting = f"{network.engine}, {device}, {precision}, TTA {on_off(args.tta)}"
     print(f"Scored {len(samples):,} images, {speed:.1f} images/s ({setting})")
-    rules = common.ScoringRules(meta)
+    rules = scoring.ScoringRules(meta)
     answers = rules.answers(scored.logits, scored.stage_means, scored.facts)
-    uncalibrated = common.melanoma_probability(scored.logits, melanoma=rules.melanoma)
+    uncalibrated = scoring.melanoma_probability(scored.logits, melanoma_index=rules.melanoma_index)
     labels = scored.labels
     probabilities = np.array([answer["probability"] for answer in answers])
     result = metrics.evaluate(labels, probabilities, rules.threshold, args.bootstrap, args.seed)

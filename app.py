@@ -27,7 +27,12 @@ from flask import Flask, Request, abort, current_app, jsonify, render_template, 
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
+import cli
 import engine
+import errors
+import heatmaps
+import image_input
+import lesion_labels
 import scoring
 
 MB = 1024 * 1024
@@ -86,9 +91,9 @@ class Predictor:
         forward pass: a batch of 4 costs about 20% less per image than 4 single passes on 2
         cores, so under load the server answers more requests per second. The network's input
         and the image's facts (size, sharpness, ...) come from one resize, here, on the
-        request's thread, meanwhile (scoring.model_input_and_facts)."""
+        request's thread, meanwhile (image_input.model_input_and_facts)."""
         answer = Future()
-        pixels, facts = scoring.model_input_and_facts(image, self.meta)
+        pixels, facts = image_input.model_input_and_facts(image, self.meta)
         self.waiting.put((pixels, facts, explain, answer))
         self.executor.submit(self._score_waiting)
         return answer.result()
@@ -119,7 +124,8 @@ class Predictor:
 
     def _heatmap(self, feature_map, logits, answer):
         """The heat map of one image for its answer's label: (H, W) floats in [0, 1]."""
-        return self.network.heatmaps(feature_map, logits, [scoring.CLASS_NAMES.index(answer["label"])])[0]
+        label = lesion_labels.CLASS_NAMES.index(answer["label"])
+        return self.network.heatmaps(feature_map, logits, [label])[0]
 
     def warm_up(self):
         """Pay the first-call costs (kernel selection, allocations) before the first user does."""
@@ -136,19 +142,19 @@ def read_upload():
 
 
 def decode_upload(data, image_size):
-    """The uploaded image, by the rule predict.py applies to files too (scoring.decode_image_bytes):
+    """The uploaded image, by the rule predict.py applies to files too (image_input.decode_image_bytes):
     415 for a format not decoded on purpose, 400 for any other refusal."""
     try:
-        return scoring.decode_image_bytes(data, image_size)
-    except scoring.UnsupportedImageFormat as error:
+        return image_input.decode_image_bytes(data, image_size)
+    except image_input.UnsupportedImageFormat as error:
         abort(415, str(error))
-    except scoring.ImageError as error:
+    except errors.ImageError as error:
         abort(400, str(error))
 
 
 def heatmap_data_url(image, mask):
-    """The heat map laid over the upload (scoring.heatmap_png), as a data: URL."""
-    return "data:image/png;base64," + base64.b64encode(scoring.heatmap_png(image, mask)).decode("ascii")
+    """The heat map laid over the upload (heatmaps.heatmap_png), as a data: URL."""
+    return "data:image/png;base64," + base64.b64encode(heatmaps.heatmap_png(image, mask)).decode("ascii")
 
 
 def milliseconds_since(start):
@@ -198,7 +204,7 @@ def add_security_headers(response):
 
 def create_app(model_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB * MB, threads=None):
     """The Flask app serving `model_path`, a checkpoint or its .onnx file (engine.load_network;
-    raises scoring.CheckpointError if it cannot load).
+    raises errors.CheckpointError if it cannot load).
 
     `threads`: threads for one model call (default: the network library's own setting)."""
     predictor = Predictor(model_path, device, threads)
@@ -227,7 +233,7 @@ def create_app(model_path, device="cpu", max_upload_bytes=DEFAULT_MAX_UPLOAD_MB 
             threshold=predictor.meta["threshold"],
             max_upload_bytes=app.config["MAX_CONTENT_LENGTH"],
             max_upload_mb=upload_limit_mb(),
-            formats=scoring.ALLOWED_FORMATS_TEXT,
+            formats=image_input.ALLOWED_FORMATS_TEXT,
         )
 
     @app.post("/api/predict")
@@ -372,7 +378,7 @@ def serve(app, host, port, threads):
             inbuf_overflow=2 * body_limit + MB,
         )
     except OSError as error:
-        raise scoring.UserError(
+        raise errors.UserError(
             f"cannot listen on {host}:{port} ({error.strerror}); try another --port"
         ) from None
     for listener in socket_map.values():
@@ -386,7 +392,7 @@ def serve(app, host, port, threads):
 
 
 def get_args_parser():
-    parser = scoring.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add(
         "--model",
@@ -397,20 +403,20 @@ def get_args_parser():
     add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     add(
         "--port",
-        type=scoring.port_number,
+        type=cli.port_number,
         default=5000,
         help="port; 0 picks a free one (default: %(default)s)",
     )
     add(
         "--threads",
-        type=scoring.positive_int,
+        type=cli.positive_int,
         default=4,
         help="waitress worker threads, i.e. requests in flight (default: 4)",
     )
     add(
         "--model-threads",
         "--torch-threads",
-        type=scoring.positive_int,
+        type=cli.positive_int,
         default=None,
         help="threads for one model call, ONNX Runtime's or torch's (default: the usable CPU cores; "
         "calls run one at a time)",
@@ -418,7 +424,7 @@ def get_args_parser():
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add(
         "--max-upload-mb",
-        type=scoring.positive_float,
+        type=cli.positive_float,
         default=DEFAULT_MAX_UPLOAD_MB,
         help="largest accepted request, in MB (default: %(default)s)",
     )
@@ -430,12 +436,12 @@ def get_args_parser():
     return parser
 
 
-@scoring.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     # No model call runs on this thread: the model thread owns them all (see Predictor).
     app = create_app(
-        args.model, args.device, int(args.max_upload_mb * MB), args.model_threads or scoring.available_cores()
+        args.model, args.device, int(args.max_upload_mb * MB), args.model_threads or cli.available_cores()
     )
     app.extensions["predictor"].warm_up()
     if args.debug:

@@ -13,7 +13,8 @@ from scipy import stats
 from sklearn import metrics as skmetrics
 from sklearn.calibration import calibration_curve
 
-MELANOMA, NON_MELANOMA = 1, 0
+from lesion_labels import MELANOMA, NON_MELANOMA
+
 ISIC_MIN_SENSITIVITY = 0.80  # ISIC 2018/2019 challenges: "AUC, Sens > 80%"
 SCREENING_RATE = 0.95  # specificity at 95% sensitivity, sensitivity at 95% specificity
 CALIBRATION_BINS = 10
@@ -76,6 +77,20 @@ def metrics_at_threshold(labels, probabilities, threshold):
 
 
 # --- ranking ----------------------------------------------------------------------------------
+
+
+def choose_threshold(labels, probabilities, setting="auto", target_sensitivity=0.9):
+    """(threshold, the rule in plain words), from validation scores only: a fixed `setting`, or
+    the highest threshold that catches `target_sensitivity` of the melanomas."""
+    if setting != "auto":
+        return float(setting), f"fixed at {setting:g}, not chosen on data (--threshold or --preset)"
+    melanoma = np.sort(np.asarray(probabilities)[np.asarray(labels) == MELANOMA])[::-1]
+    if not len(melanoma):
+        return 0.5, "0.5, because the validation split has no melanoma to set a sensitivity target on"
+    # The k-th highest melanoma score catches k melanomas; the tolerance absorbs 0.9 * 10 = 9.000001.
+    needed = max(1, math.ceil(target_sensitivity * len(melanoma) - 1e-9))
+    rule = f"the highest threshold with validation sensitivity >= {target_sensitivity:g}"
+    return float(melanoma[needed - 1]), rule
 
 
 def roc_auc(labels, probabilities):

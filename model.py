@@ -10,36 +10,31 @@ the test split at the decision threshold it stores (chosen on the validation spl
 """
 
 import argparse
-import copy
 import functools
 import json
-import math
-import os
 import sys
 import time
-from collections import Counter
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import scipy.special
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
-from sklearn.covariance import LedoitWolf
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import classification_report
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import transforms
-from tqdm import tqdm
 
-import common
+import backbones
+import checkpoints
+import cli
+import devices
+import engine
+import errors
+import files
+import lesion_labels
 import metrics
+import prepared
+import scoring
+import scoring_fit
+import training
+import training_data
 
 BEST_CHECKPOINT = "best_model.pth"
 LAST_CHECKPOINT = "last_checkpoint.pth"
@@ -73,9 +68,6 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "time_budget": 0,
 }
 
-# Independent random streams derived from --seed (see `derived_seed`).
-AUGMENTATION_STREAM, TRAINING_STREAM = 1, 2
-
 
 # --- command line ----------------------------------------------------------------------------
 
@@ -95,14 +87,14 @@ def threshold_setting(text):
 
 def ema_decay(text):
     """A decay in [0, 1): 0 turns the average off, 1 would never move from the first weights."""
-    value = common.non_negative_float(text)
+    value = cli.non_negative_float(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (0 turns the average off), not {text}")
     return value
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Fine-tune EfficientNetV2-S to tell melanoma from other lesions (model.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -116,18 +108,18 @@ def get_args_parser():
         "(plain cross-entropy, AdamW lr 1e-3, reduce-on-plateau on val loss, fixed resize, threshold "
         "0.5); flags given explicitly still win",
     )
-    add("--epochs", type=common.positive_int, default=10, help="most epochs to train")
-    add("--batch-size", type=common.positive_int, default=32, help="images per micro-batch (per process)")
-    add("--accumulation-steps", type=common.positive_int, default=4, help="micro-batches per optimiser step")
+    add("--epochs", type=cli.positive_int, default=10, help="most epochs to train")
+    add("--batch-size", type=cli.positive_int, default=32, help="images per micro-batch (per process)")
+    add("--accumulation-steps", type=cli.positive_int, default=4, help="micro-batches per optimiser step")
     add(
         "--patience",
-        type=common.positive_int,
+        type=cli.positive_int,
         default=3,
         help="stop after this many epochs without improvement",
     )
-    add("--image-size", type=common.positive_int, default=common.DEFAULT_IMAGE_SIZE, help="square input size")
-    add("--lr", type=common.positive_float, default=3e-4, help="peak AdamW learning rate")
-    add("--weight-decay", type=common.non_negative_float, default=0.05, help="AdamW weight decay")
+    add("--image-size", type=cli.positive_int, default=backbones.DEFAULT_IMAGE_SIZE, help="square input size")
+    add("--lr", type=cli.positive_float, default=3e-4, help="peak AdamW learning rate")
+    add("--weight-decay", type=cli.non_negative_float, default=0.05, help="AdamW weight decay")
     add(
         "--schedule",
         choices=("cosine", "plateau"),
@@ -136,7 +128,7 @@ def get_args_parser():
     )
     add(
         "--warmup-epochs",
-        type=common.non_negative_float,
+        type=cli.non_negative_float,
         default=1.0,
         help="warm-up length of the cosine schedule",
     )
@@ -174,7 +166,7 @@ def get_args_parser():
     )
     add(
         "--progressive-from",
-        type=common.non_negative_int,
+        type=cli.non_negative_int,
         default=0,
         metavar="PX",
         help="progressive resizing: train the first epoch at PX pixels, growing linearly (in steps "
@@ -182,7 +174,7 @@ def get_args_parser():
     )
     add(
         "--time-budget",
-        type=common.non_negative_float,
+        type=cli.non_negative_float,
         default=0,
         metavar="MINUTES",
         help="end training cleanly before an epoch that would end after this many minutes of "
@@ -203,7 +195,7 @@ def get_args_parser():
     )
     add(
         "--target-sensitivity",
-        type=common.fraction,
+        type=cli.fraction,
         default=0.9,
         help="with --threshold auto: the highest threshold catching this share of validation melanomas",
     )
@@ -217,20 +209,20 @@ def get_args_parser():
     )
     add(
         "--workers",
-        type=common.non_negative_int,
-        default=min(4, common.available_cores()),
+        type=cli.non_negative_int,
+        default=min(4, cli.available_cores()),
         help="data-loading processes per training process (0 loads in the training process)",
     )
     add(
         "--seed",
-        type=common.non_negative_int,
+        type=cli.non_negative_int,
         default=42,
         help="seed of the initial head, data order, augmentation, dropout",
     )
     add("--resume", action="store_true", help=f"continue the run saved in OUT/{LAST_CHECKPOINT}")
     add(
         "--ood-flag-rate",
-        type=common.fraction,
+        type=cli.fraction,
         default=0.05,
         help="share of real validation images the 'cannot judge this image' flag may catch; "
         "its threshold is set on val/ to flag exactly this share",
@@ -254,524 +246,40 @@ def parse_args(parser, argv):
     return args
 
 
-def explicit_settings(args, parser):
-    """The settings whose value differs from its default, i.e. those given on the command line."""
-    return {name: value for name, value in vars(args).items() if value != parser.get_default(name)}
+def typed_settings(argv):
+    """The settings typed on the command line `argv`, with their values: a second parse in which
+    no flag has a default, so a flag typed with its default value counts as typed too."""
+    parser = get_args_parser()
+    for action in parser._actions:  # argparse lists a parser's flags nowhere public
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
 
-def settings_for_resume(args, parser, saved):
-    """The interrupted run's settings; this command line may change only CHANGEABLE_ON_RESUME."""
+def settings_for_resume(typed, saved):
+    """The interrupted run's settings; the `typed` settings may change only CHANGEABLE_ON_RESUME."""
     merged = {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
-    for name, value in explicit_settings(args, parser).items():
+    for name, value in typed.items():
         if name in CHANGEABLE_ON_RESUME:
             merged[name] = value
         elif saved.get(name) != value:
             flag = "--" + name.replace("_", "-")
-            raise common.UserError(
+            raise errors.UserError(
                 f"--resume keeps the interrupted run's settings, which had {flag} {saved.get(name)} "
                 f"(not {value}); drop {flag} or start a new run in another --out"
             )
     return argparse.Namespace(**merged)
 
 
-# --- processes, devices, seeds ---------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    """Where this process trains, and its place among torchrun's processes."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def log(self, message):
-        if self.is_main:
-            print(message, flush=True)
-
-
-def start_runtime(args):
-    """Choose device and precision; join torchrun's process group when there is one."""
-    device = common.choose_device(args.device)
-    amp_dtype = common.choose_amp_dtype(device, args.amp)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    runtime = Runtime(device, amp_dtype, rank, world_size)
-    if device.type == "cpu" and args.device == "auto":
-        runtime.log("Note: no CUDA GPU found, training on the CPU (slow; see the README for GPUs).")
-    runtime.log(
-        f"Training on {device.type} in {common.amp_name(amp_dtype)}, {world_size} process(es), "
-        f"{args.batch_size} x {args.accumulation_steps} accumulated images per step and process."
-    )
-    return runtime
-
-
-def stop_runtime(runtime):
-    if runtime.world_size > 1:
-        dist.destroy_process_group()
-
-
-def derived_seed(*numbers):
-    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
-    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0] >> 1)
-
-
-# --- data --------------------------------------------------------------------------------------
-
-
-class RandomQuarterTurn:
-    """Rotate by a random multiple of 90 degrees: a lesion has no 'up', and a quarter turn of a
-    square image neither cuts anything off nor fills corners with black."""
-
-    TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
-
-    def __call__(self, image):
-        turn = self.TURNS[int(torch.randint(len(self.TURNS), ()))]
-        return image if turn is None else image.transpose(turn)
-
-
-@functools.lru_cache(maxsize=64)  # one per (size, strength) of a run: built once per worker
-def train_transform(image_size, augmentation="ours", strength=1.0):
-    """Online training augmentation; it adds nothing real images lack (no black-filled corners).
-
-    Both start from the eval transform's square resize, so lesions keep the proportions they will
-    have when scored. Ours leaves hue alone: colour (blue-white veil, red, brown) is a melanoma
-    clue, and PIL's hue shift costs more than the rest of the augmentation together. Its
-    `strength` in [0, 1] (progressive resizing: weak on small images, full at the final size, as
-    EfficientNetV2's progressive learning does) takes the smallest crop from 80% to 50% of the
-    image and the colour jitter from 0.1 to 0.2.
-    """
-    square = transforms.Resize((image_size, image_size), antialias=True)
-    if augmentation == "original":
-        geometry = [square]
-        colour = transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1)
-    else:
-        smallest_crop, jitter = 0.8 - 0.3 * strength, 0.1 + 0.1 * strength
-        geometry = [
-            square,
-            transforms.RandomResizedCrop(image_size, scale=(smallest_crop, 1.0), antialias=True),
-        ]
-        colour = transforms.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter)
-    return transforms.Compose(
-        [
-            *geometry,
-            transforms.RandomHorizontalFlip(),
-            RandomQuarterTurn(),  # with the flip: all 8 orientations of the square
-            colour,
-            transforms.ToTensor(),
-            transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD),
-        ]
-    )
-
-
-class EpochTaggedSampler(DistributedSampler):
-    """A DistributedSampler (with one process too) yielding (epoch, index) keys for
-    `ReproducibleAugmentation`: persistent workers never see the epoch otherwise."""
-
-    def __iter__(self):
-        return ((self.epoch, index) for index in super().__iter__())
-
-
-def epoch_image_size(args, epoch):
-    """The training size of `epoch` (0-based): --image-size, or under --progressive-from a size
-    growing linearly from that one at the first epoch to --image-size at the last, in steps of
-    16 pixels (EfficientNetV2's progressive learning)."""
-    if not args.progressive_from or args.epochs == 1 or epoch >= args.epochs - 1:
-        return args.image_size
-    share = epoch / (args.epochs - 1)
-    size = args.progressive_from + share * (args.image_size - args.progressive_from)
-    return max(16, 16 * round(size / 16))
-
-
-def augmentation_strength(args, size):
-    """1 at --image-size; under progressive resizing, from 0 at the first size up to 1."""
-    if not args.progressive_from or args.progressive_from == args.image_size:
-        return 1.0
-    share = (size - args.progressive_from) / (args.image_size - args.progressive_from)
-    return float(min(1.0, max(0.0, share)))
-
-
-class ReproducibleAugmentation(Dataset):
-    """train/'s images with their training targets, augmented for the epoch. Each image's random
-    augmentation depends only on (seed, epoch, index), and its size (progressive resizing) only
-    on the epoch: a resumed run, and any number of loader workers or processes, get the same
-    augmented version of each image."""
-
-    def __init__(self, images, targets, args):
-        self.images, self.targets, self.args = images, targets, args
-
-    @property
-    def labels(self):
-        return self.images.labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        size = epoch_image_size(self.args, epoch)
-        transform = train_transform(size, self.args.augmentation, augmentation_strength(self.args, size))
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
-            torch.manual_seed(derived_seed(self.args.seed, AUGMENTATION_STREAM, epoch, index))
-            return transform(common.load_image(self.images.paths[index])), self.targets[index]
-
-
-def make_loader(dataset, args, runtime, sampler=None):
-    return DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=runtime.device.type == "cuda",
-        persistent_workers=args.workers > 0,
-    )
-
-
-def train_loader(args, runtime, head):
-    images = common.SkinLesionDataset(Path(args.data) / "train", transform=None)
-    if len(set(images.labels)) < 2:
-        raise common.UserError(f"{args.data}/train: needs both mel_ and nomel_ images to learn anything")
-    # drop_last=False pads each process's share to the same length: DDP needs equal step counts.
-    sampler = EpochTaggedSampler(images, runtime.world_size, runtime.rank, shuffle=True, seed=args.seed)
-    dataset = ReproducibleAugmentation(images, head.targets(images.paths, images.labels), args)
-    return make_loader(dataset, args, runtime, sampler)
-
-
-# --- what the head learns: melanoma or not, or every diagnosis ------------------------------------
-
-
-@dataclass
-class Head:
-    """The classifier's outputs: melanoma or not (`diagnoses` None), or one output per diagnosis
-    of train/ (sorted codes, 'mel' among them); `by_file` maps each training file to its code."""
-
-    diagnoses: list | None = None
-    by_file: dict = field(default_factory=dict)
-
-    @property
-    def size(self):
-        return len(self.diagnoses) if self.diagnoses else len(common.CLASS_NAMES)
-
-    @property
-    def melanoma(self):
-        return common.melanoma_output({"diagnoses": self.diagnoses})
-
-    @property
-    def targets_name(self):
-        return "diagnosis" if self.diagnoses else "melanoma"
-
-    def targets(self, paths, labels):
-        """Each training image's target: its label, or the index of its diagnosis."""
-        if not self.diagnoses:
-            return list(labels)
-        return [
-            self.diagnoses.index(self.diagnosis(path, label))
-            for path, label in zip(paths, labels, strict=True)
-        ]
-
-    def diagnosis(self, path, label):
-        """The file name decides melanoma, as in every stage (common.diagnosis_for)."""
-        return common.diagnosis_for(label, self.by_file.get(Path(path).name))
-
-    def metadata(self):
-        return {"targets": self.targets_name, "diagnoses": self.diagnoses}
-
-
-def choose_head(args, runtime):
-    """The head --targets asks for, when manifest.csv records enough diagnoses for it: at least
-    two other than melanoma among train/'s non-melanoma images (else a two-class head, with a
-    notice). Images without a recorded diagnosis learn an 'unknown' output of their own."""
-    if args.targets == "melanoma":
-        return Head()
-    manifest = Path(args.data) / common.MANIFEST_FILE
-    by_file = {}
-    if manifest.is_file():
-        by_file = {row.file: row.diagnosis for row in common.read_manifest(manifest) if row.split == "train"}
-    images = common.list_prepared_images(Path(args.data) / "train")
-    head = Head(by_file=by_file)
-    found = Counter(head.diagnosis(path, label) for path, label in images)
-    others = set(found) - {common.MELANOMA_DIAGNOSIS, common.UNKNOWN_DIAGNOSIS}
-    if len(others) < 2:
-        source = f"{manifest} records" if manifest.is_file() else f"there is no {manifest}, so it records"
-        runtime.log(
-            f"Note: --targets diagnosis needs at least two diagnoses besides melanoma in train/, and "
-            f"{source} {len(others)}: training melanoma against the rest (--targets melanoma)."
-        )
-        return Head()
-    head.diagnoses = sorted(found)
-    unknown = found.get(common.UNKNOWN_DIAGNOSIS, 0)
-    runtime.log(
-        f"Diagnosis head: {', '.join(f'{name} {found[name]}' for name in head.diagnoses)} training images"
-        + (f" ({unknown} without a recorded diagnosis learn 'unknown')" if unknown else "")
-        + "."
-    )
-    return head
-
-
-def eval_loader(folder, args, runtime):
-    """Deterministic loader of this process's share (no padding, so no image counts twice)."""
-    images = common.SkinLesionDataset(folder, common.eval_transform(args.image_size))
-    if runtime.world_size > 1:
-        images = Subset(images, range(runtime.rank, len(images), runtime.world_size))
-    return make_loader(images, args, runtime)
-
-
 def check_data_folder(data):
     data = Path(data)
     if not data.is_dir():
-        raise common.UserError(f"{data}: no such folder (run prepdata.py first, or pass --data)")
+        raise errors.UserError(f"{data}: no such folder (run prepdata.py first, or pass --data)")
     for split in ("train", "val"):
-        common.SkinLesionDataset(data / split, transform=None)  # a missing or empty split fails here
+        training_data.SkinLesionDataset(data / split, transform=None)  # a missing or empty split fails here
 
 
 def has_test_split(data):
-    return (Path(data) / "test").is_dir() and bool(common.list_prepared_images(Path(data) / "test"))
-
-
-# --- scores ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scores:
-    """Per-image results of one pass over a split: true label, melanoma probability, loss."""
-
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
-    probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    losses: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    def add(self, labels, probabilities, losses):
-        self.labels = np.concatenate([self.labels, np.asarray(labels, dtype=int)])
-        self.probabilities = np.concatenate([self.probabilities, np.asarray(probabilities, dtype=float)])
-        self.losses = np.concatenate([self.losses, np.asarray(losses, dtype=float)])
-
-    def loss(self):
-        return float(self.losses.mean())
-
-    def accuracy_at_half(self):
-        """Accuracy at probability 0.5, the training-time figure; the stored threshold is chosen
-        only for the best epoch, and the checkpoint's val_metrics report accuracy there."""
-        return metrics.accuracy(self.labels, self.probabilities, 0.5)
-
-    def auc(self):
-        return metrics.roc_auc(self.labels, self.probabilities)
-
-
-def gather_scores(scores, runtime):
-    """All processes' scores, in every process (so all of them take the same decisions)."""
-    if runtime.world_size == 1:
-        return scores
-    parts = [None] * runtime.world_size
-    dist.all_gather_object(parts, scores)
-    gathered = Scores()
-    for part in parts:
-        gathered.add(part.labels, part.probabilities, part.losses)
-    return gathered
-
-
-def score_split(model, loader, device, melanoma, description="Scoring", show_progress=True):
-    """Uncalibrated scores of a split (during training there is no calibration yet), in fp32;
-    `melanoma` is the head's melanoma output."""
-    model = getattr(model, "module", model).eval()  # the bare model: no DDP collectives while scoring
-    scores = Scores()
-    for images, labels in tqdm(loader, description, leave=False, disable=not show_progress):
-        logits = common.network_outputs(model, images, device)[0]
-        probabilities = common.melanoma_probability(logits, melanoma=melanoma)
-        labels = labels.numpy()
-        scores.add(labels, probabilities, metrics.cross_entropy(labels, probabilities))
-    return scores
-
-
-def choose_threshold(labels, probabilities, setting="auto", target_sensitivity=0.9):
-    """(threshold, the rule in plain words), from validation scores only."""
-    if setting != "auto":
-        return float(setting), f"fixed at {setting:g}, not chosen on data (--threshold or --preset)"
-    melanoma = np.sort(np.asarray(probabilities)[np.asarray(labels) == common.MELANOMA])[::-1]
-    if not len(melanoma):
-        return 0.5, "0.5, because the validation split has no melanoma to set a sensitivity target on"
-    # The k-th highest melanoma score catches k melanomas; the tolerance absorbs 0.9 * 10 = 9.000001.
-    needed = max(1, math.ceil(target_sensitivity * len(melanoma) - 1e-9))
-    rule = f"the highest threshold with validation sensitivity >= {target_sensitivity:g}"
-    return float(melanoma[needed - 1]), rule
-
-
-# --- what scoring needs beyond the weights (fitted on the best checkpoint) ---------------------
-
-MIN_IMAGES_TO_CALIBRATE = 10  # of each class in val/: fewer make Platt scaling a guess
-
-
-def fit_calibration(labels, log_odds):
-    """(Platt scaling of the melanoma log-odds fitted on validation, None) or (None, why not).
-
-    The loss is class-weighted (a 50% melanoma prior), so the raw probability overstates
-    melanoma at HAM10000's real share of about 11%; a slope and an intercept on the log-odds fix
-    both the prior and over- or under-confidence. Isotonic regression is not used: its steps
-    tie images that the network ranks apart, which changes the AUC."""
-    counts = np.bincount(labels, minlength=len(common.CLASS_NAMES))
-    if counts.min() < MIN_IMAGES_TO_CALIBRATE:
-        return None, (
-            f"not calibrated: val/ has {counts[common.MELANOMA]} melanomas and "
-            f"{counts[common.NON_MELANOMA]} other lesions, and calibration needs "
-            f"{MIN_IMAGES_TO_CALIBRATE} of each"
-        )
-    # A weak penalty keeps the slope finite when validation happens to be perfectly separated.
-    fit = LogisticRegression(C=1e4).fit(log_odds[:, None], labels)
-    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
-    if slope <= 0:
-        return None, "not calibrated: on val/ the network does not rank melanomas above other lesions"
-    calibration = {
-        "method": "platt",
-        "slope": slope,
-        "intercept": intercept,
-        "n_images": int(len(labels)),
-        "melanoma_share": float(np.mean(labels == common.MELANOMA)),
-        "rule": "Platt scaling of the melanoma log-odds, fitted on the validation split: the probability "
-        "is the chance of melanoma at the validation split's melanoma share",
-    }
-    return calibration, None
-
-
-# The stages whose mean output the out-of-distribution score reads (EfficientNetV2-S has 8).
-# What tells a dermoscopic image from a photo of anything else is mostly colour and texture,
-# which the early stages encode; the last stages of a network trained to tell melanoma from other
-# lesions keep what separates those and squeeze everything else together. Measured on the quality
-# benchmark's network (docs/trust.md): the last stage alone flagged 55% of non-lesion pictures,
-# stages 1-3 together 96%, each at 5% of validation images.
-OOD_STAGES = (1, 2, 3)
-
-
-def fit_ood(train, val_stage_means, flag_rate, stages=OOD_STAGES):
-    """What the out-of-distribution score needs (`common.ood_scores`): for each stage, the class
-    means and the inverse of the shared covariance of the original training images' stage means,
-    and the validation distance that `flag_rate` of validation images exceed (the stage's unit);
-    then the threshold on the largest of those, again exceeded by `flag_rate` of validation."""
-    fitted = [fit_ood_stage(stage, train, val_stage_means[stage], flag_rate) for stage in stages]
-    scoring = {"stages": [common.as_arrays(stage) for stage in fitted]}
-    threshold = float(np.quantile(common.ood_scores(val_stage_means, scoring), 1 - flag_rate))
-    return {
-        "method": "mahalanobis",
-        "stages": fitted,
-        "threshold": threshold,
-        "flag_rate": float(flag_rate),
-        "n_train_images": int(len(train.labels)),
-        "rule": f"flagged when, at one of the network's stages {', '.join(map(str, stages))}, the "
-        f"Mahalanobis distance to the original training images is larger than for all but "
-        f"{flag_rate:.0%} of validation images",
-    }
-
-
-def fit_ood_stage(stage, train, val_means, flag_rate):
-    features = train.stage_means[stage]
-    classes = np.unique(train.labels)
-    class_means = np.stack([features[train.labels == label].mean(axis=0) for label in classes])
-    centred = features - class_means[np.searchsorted(classes, train.labels)]
-    # Ledoit-Wolf shrinkage: a usable inverse even with fewer images than feature dimensions.
-    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    distances = common.mahalanobis_distances(val_means, class_means, precision)
-    return {
-        "stage": int(stage),
-        "class_means": torch.tensor(class_means, dtype=torch.float32),
-        "precision": torch.tensor(precision, dtype=torch.float32),
-        "scale": float(np.quantile(distances, 1 - flag_rate)),
-    }
-
-
-def fit_quality_limits(facts):
-    """Limits of the image-quality warnings: percentiles of the training images' statistics."""
-    values = {name: np.array([image[name] for image in facts]) for name in common.QUALITY_STATISTICS}
-    low, high = common.QUALITY_PERCENTILE, 100 - common.QUALITY_PERCENTILE
-    return {
-        "limits": {
-            "sharpness_min": float(np.percentile(values["sharpness"], low)),
-            "brightness_min": float(np.percentile(values["brightness"], low)),
-            "brightness_max": float(np.percentile(values["brightness"], high)),
-            "contrast_min": float(np.percentile(values["contrast"], low)),
-        },
-        "n_images": len(facts),
-        "rule": f"a warning below the {low}st percentile (or above the {high}th) of the original "
-        "training images' sharpness (variance of the Laplacian), brightness and contrast",
-    }
-
-
-def fit_scoring_rules(best_path, args, device):
-    """Fit what scoring needs beyond the weights on the best checkpoint, as the app will run it,
-    and store it there: calibration (val/), the decision threshold on the calibrated scale, the
-    out-of-distribution score (original train/ images; threshold on val/), quality limits. Then
-    export it, rules included, as best_model.onnx beside it for the serving engine."""
-    weights, meta = common.load_checkpoint(best_path, device)
-    model = common.fold_batch_norms(copy.deepcopy(weights))  # the network as the app runs it
-    print(f"Fitting calibration, out-of-distribution score and quality limits for {best_path}.")
-    data = Path(args.data)
-    score = functools.partial(
-        common.score_dataset, model, device=device, batch_size=args.batch_size, workers=args.workers
-    )
-    train = score(common.ScoringDataset(data / "train", meta, originals_only=True), description="Train")
-    val = score(common.ScoringDataset(data / "val", meta), description="Validation")
-    log_odds = common.melanoma_log_odds(val.logits, common.melanoma_output(meta))
-    calibration, not_calibrated = fit_calibration(val.labels, log_odds)
-    raw = common.shown_probability(log_odds)
-    calibrated = common.shown_probability(log_odds, calibration)
-    # The same rule on both scales picks the same validation image as the threshold, so the
-    # calibrated threshold makes exactly the decisions the uncalibrated one makes.
-    raw_threshold, rule = choose_threshold(val.labels, raw, args.threshold, args.target_sensitivity)
-    threshold, _ = choose_threshold(val.labels, calibrated, args.threshold, args.target_sensitivity)
-    if args.threshold != "auto" and calibration is not None:
-        threshold = float(common.shown_probability(scipy.special.logit(raw_threshold), calibration))
-    meta.update(
-        threshold=threshold,
-        threshold_rule=rule,
-        threshold_uncalibrated=raw_threshold,
-        calibration=calibration and {**calibration, **calibration_change(val.labels, raw, calibrated)},
-        not_calibrated=not_calibrated,
-        ood=fit_ood(train, val.stage_means, args.ood_flag_rate),
-        quality=fit_quality_limits(train.facts),
-    )
-    common.save_checkpoint(best_path, weights, meta)
-    print(describe_scoring_rules(meta, val.labels))
-    onnx_path = common.export_onnx(best_path, common.onnx_path_beside(best_path))
-    print(f"Serving engine's network written to {onnx_path}")
-    return meta
-
-
-def describe_scoring_rules(meta, val_labels):
-    calibration = meta["calibration"]
-    if calibration is None:
-        calibrated = meta["not_calibrated"]
-    else:
-        before, after = (calibration[f"val_expected_calibration_error_{t}"] for t in ("before", "after"))
-        calibrated = (
-            f"calibrated on {calibration['n_images']} validation images (melanoma share "
-            f"{calibration['melanoma_share']:.1%}): ECE {before:.3f} -> {after:.3f}"
-        )
-    quality = meta["quality"]["limits"]
-    return (
-        f"Probability: {calibrated}. Threshold {meta['threshold']:.4f} on the shown probability "
-        f"({meta['threshold_uncalibrated']:.4f} before calibration; {meta['threshold_rule']}).\n"
-        f"Out-of-distribution: flags {meta['ood']['flag_rate']:.0%} of {len(val_labels)} validation "
-        f"images (score above {meta['ood']['threshold']:.1f}), fitted on {meta['ood']['n_train_images']} "
-        f"original training images.\n"
-        f"Quality limits: sharpness >= {quality['sharpness_min']:.1f}, brightness "
-        f"{quality['brightness_min']:.1f} to {quality['brightness_max']:.1f}, "
-        f"contrast >= {quality['contrast_min']:.1f}."
-    )
-
-
-def calibration_change(labels, raw, calibrated):
-    before, after = metrics.calibration_metrics(labels, raw), metrics.calibration_metrics(labels, calibrated)
-    return {f"val_{name}_before": before[name] for name in before} | {
-        f"val_{name}_after": after[name] for name in after
-    }
+    return (Path(data) / "test").is_dir()
 
 
 def validation_metrics(scores, threshold):
@@ -787,120 +295,11 @@ def validation_metrics(scores, threshold):
 # --- training ----------------------------------------------------------------------------------
 
 
-def accumulation_groups(num_samples, batch_size, accumulation_steps):
-    """Images in each optimiser step's group of micro-batches; the epoch's last group may be short."""
-    sizes = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
-    return [sum(sizes[i : i + accumulation_steps]) for i in range(0, len(sizes), accumulation_steps)]
-
-
-@dataclass
-class Trainer:
-    """One model's optimisation: accumulated steps, mixed precision, an optional per-step schedule,
-    an optional moving average of the weights. `melanoma` is the head's melanoma output: the
-    loader's targets are labels or diagnoses, and the scores are always melanoma or not."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    accumulation_steps: int = 1
-    class_weights: torch.Tensor | None = None
-    step_scheduler: LambdaLR | None = None
-    scaler: torch.amp.GradScaler = None
-    memory_format: torch.memory_format = torch.channels_last  # faster convolutions on CPU and GPU
-    melanoma: int = common.MELANOMA
-    ema: AveragedModel | None = None
-
-    def __post_init__(self):
-        if self.scaler is None:
-            # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-
-    def train_one_epoch(self, loader, description="Training", show_progress=True):
-        """One pass over `loader`. Each micro-batch's summed loss is divided by the number of images
-        in its accumulation group, so every step follows the mean loss of exactly the images it saw
-        (batch 8 x 4 steps like batch 32 x 1), and a short last group is applied, not dropped."""
-        self.model.train()
-        groups = accumulation_groups(len(loader.sampler), loader.batch_size, self.accumulation_steps)
-        scores = Scores()
-        bar = tqdm(loader, description, disable=not show_progress)
-        for index, (images, targets) in enumerate(bar):
-            group = index // self.accumulation_steps
-            ends_group = index + 1 == min((group + 1) * self.accumulation_steps, len(loader))
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(self.device, non_blocking=True)
-            with self.gradient_sync(ends_group):
-                with common.autocast(self.device, self.amp_dtype):
-                    logits = self.model(images)
-                losses = F.cross_entropy(logits.float(), targets, weight=self.class_weights, reduction="none")
-                self.scaler.scale(losses.sum() / groups[group]).backward()
-            if ends_group:
-                self.step()
-            probabilities = torch.softmax(logits.detach().float(), dim=1)[:, self.melanoma]
-            labels = (targets == self.melanoma).long()
-            scores.add(labels.cpu(), probabilities.cpu(), losses.detach().cpu())
-            bar.set_postfix(
-                loss=f"{scores.loss():.4f}", acc_at_half=f"{100 * scores.accuracy_at_half():.1f}%"
-            )
-        return scores
-
-    def gradient_sync(self, ends_group):
-        """DDP averages gradients across processes only on the micro-batch that ends a group."""
-        if ends_group or not isinstance(self.model, DistributedDataParallel):
-            return nullcontext()
-        return self.model.no_sync()
-
-    def step(self):
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.step_scheduler is not None:
-            self.step_scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(getattr(self.model, "module", self.model))
-
-
-def class_weights(labels, mode, device, head):
-    """Inverse frequency of melanoma and non-melanoma in train/ ('balanced'), mean weight 1 over
-    the images: a no-op on balanced training data. A diagnosis head gives every non-melanoma
-    output the non-melanoma weight, so melanoma against the rest keeps the balance of a
-    two-class head and the other diagnoses keep their natural shares among the rest."""
-    if mode == "none":
-        return None
-    counts = np.bincount(labels, minlength=len(common.CLASS_NAMES))
-    binary = len(labels) / (len(counts) * counts)
-    weights = np.full(head.size, binary[common.NON_MELANOMA])
-    weights[head.melanoma] = binary[common.MELANOMA]
-    return torch.tensor(weights, dtype=torch.float32, device=device)
-
-
-def weight_average(args, model):
-    """The exponential moving average of the weights (--ema-decay), batch-norm statistics
-    included, on the model's device; None when turned off."""
-    if not args.ema_decay:
-        return None
-    model = getattr(model, "module", model)
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-
-
-def warmup_cosine(warmup_steps, total_steps):
-    """LR factor per optimiser step: linear warm-up (a new random head must not wreck the
-    pretrained backbone with large early steps), then cosine decay to 0 at the last epoch."""
-
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def build_model(args, runtime, resume_state, head):
     """The model on its device; under DDP only rank 0 loads pretrained weights (DDP copies them)."""
     torch.manual_seed(args.seed)  # the new head starts the same in every run with this seed
     weights = args.weights if runtime.is_main and resume_state is None else "none"
-    model = common.SkinLesionModel(weights=weights, num_classes=head.size)
+    model = backbones.SkinLesionModel(weights=weights, num_classes=head.size)
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
     model = model.to(runtime.device, memory_format=torch.channels_last)
@@ -908,46 +307,6 @@ def build_model(args, runtime, resume_state, head):
         device_ids = [runtime.device] if runtime.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
     return model
-
-
-def make_optimizer(parameters, device, lr, weight_decay):
-    """AdamW, fused into one kernel on the devices torch fuses it for: on the 2-core AMD EPYC a
-    step over EfficientNetV2-S's 21M parameters takes 14 ms fused against 46 ms (a few percent
-    of a training step at 64 px; docs/measurements.md)."""
-    fused = True if device.type in ("cpu", "cuda") else None
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
-
-
-def build_trainer(args, runtime, model, loader, head):
-    optimizer = make_optimizer(model.parameters(), runtime.device, args.lr, args.weight_decay)
-    step_scheduler = None
-    if args.schedule == "cosine":
-        steps_per_epoch = len(
-            accumulation_groups(len(loader.sampler), args.batch_size, args.accumulation_steps)
-        )
-        warmup_steps = max(1, round(args.warmup_epochs * steps_per_epoch))
-        step_scheduler = LambdaLR(optimizer, warmup_cosine(warmup_steps, args.epochs * steps_per_epoch))
-    labels = np.asarray(loader.dataset.labels)
-    return Trainer(
-        model,
-        optimizer,
-        runtime.device,
-        runtime.amp_dtype,
-        args.accumulation_steps,
-        class_weights(labels, args.class_weights, runtime.device, head),
-        step_scheduler,
-        melanoma=head.melanoma,
-        ema=weight_average(args, model),
-    )
-
-
-def plateau_scheduler(args, trainer, monitor):
-    """The original's schedule: LR x0.1 once the monitored metric has not improved for 2 epochs."""
-    if args.schedule != "plateau":
-        return None
-    return ReduceLROnPlateau(
-        trainer.optimizer, mode="max" if monitor == "val_auc" else "min", factor=0.1, patience=2
-    )
 
 
 def resolve_monitor(args, val_labels, runtime):
@@ -982,7 +341,7 @@ def new_history(monitor, runtime, args):
     return {
         "monitor": monitor,
         "best_epoch": None,
-        "amp": common.amp_name(runtime.amp_dtype),
+        "amp": devices.amp_name(runtime.amp_dtype),
         "device": runtime.device.type,
         "settings": vars(args),
         "stopped_by_time_budget": False,
@@ -1036,10 +395,10 @@ def summary_line(record, epochs, is_best):
 
 def save_best(args, network, head, val_scores, epoch, out, monitor, amp_dtype, selected):
     """Write best_model.pth from `network`: the weights, or their moving average (`selected`)."""
-    threshold, rule = choose_threshold(
+    threshold, rule = metrics.choose_threshold(
         val_scores.labels, val_scores.probabilities, args.threshold, args.target_sensitivity
     )
-    meta = common.checkpoint_metadata(
+    meta = checkpoints.checkpoint_metadata(
         image_size=args.image_size,
         threshold=threshold,
         weights=args.weights,
@@ -1047,19 +406,19 @@ def save_best(args, network, head, val_scores, epoch, out, monitor, amp_dtype, s
         val_metrics=validation_metrics(val_scores, threshold),
         threshold_rule=rule,
         monitor=monitor,
-        training_amp=common.amp_name(amp_dtype),
+        training_amp=devices.amp_name(amp_dtype),
         settings=vars(args),
         saved_weights=selected,
         **head.metadata(),
     )
-    common.save_checkpoint(out / BEST_CHECKPOINT, network, meta)
+    checkpoints.save_checkpoint(out / BEST_CHECKPOINT, network, meta)
 
 
 def save_last_checkpoint(path, args, trainer, plateau, progress):
     """Everything --resume needs. No RNG state: every random stream is re-derived from
     (seed, epoch, process, image), so the next epoch draws the same numbers either way."""
     model = getattr(trainer.model, "module", trainer.model)
-    common.atomic_torch_save(
+    checkpoints.atomic_torch_save(
         {
             "args": vars(args),
             "model_state": model.state_dict(),
@@ -1076,11 +435,11 @@ def save_last_checkpoint(path, args, trainer, plateau, progress):
 
 def load_last_checkpoint(path):
     if not path.is_file():
-        raise common.UserError(f"{path}: nothing to resume (no last checkpoint in --out)")
+        raise errors.UserError(f"{path}: nothing to resume (no last checkpoint in --out)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise common.UserError(f"{path}: not a readable last checkpoint ({type(error).__name__})") from None
+        raise errors.UserError(f"{path}: not a readable last checkpoint ({type(error).__name__})") from None
 
 
 def restore(resume_state, trainer, plateau):
@@ -1100,22 +459,24 @@ def run_epoch(args, runtime, trainer, loaders, epoch):
     (train scores, val scores, EMA val scores or None, each of all processes; seconds of training)."""
     loaders["train"].sampler.set_epoch(epoch)
     # Dropout's stream, re-derived each epoch so that a resumed run draws the same numbers.
-    torch.manual_seed(derived_seed(args.seed, TRAINING_STREAM, epoch, runtime.rank))
+    torch.manual_seed(
+        training_data.derived_seed(args.seed, training_data.TRAINING_STREAM, epoch, runtime.rank)
+    )
     description = f"Epoch {epoch + 1}/{args.epochs}"
-    show_progress = common.show_progress(runtime.is_main)  # without bars, summary_line still logs each epoch
+    show_progress = cli.show_progress(runtime.is_main)  # without bars, summary_line still logs each epoch
     started = time.perf_counter()
     train = trainer.train_one_epoch(loaders["train"], description, show_progress)
     train_seconds = time.perf_counter() - started
     validate = functools.partial(
-        score_split, loader=loaders["val"], device=runtime.device, melanoma=trainer.melanoma,
-        show_progress=show_progress,
+        training.score_split, loader=loaders["val"], device=runtime.device,
+        melanoma_index=trainer.melanoma_index, show_progress=show_progress,
     )  # fmt: skip
     val = validate(trainer.model, description="Validating")
     ema_val = None if trainer.ema is None else validate(trainer.ema.module, description="Validating EMA")
     return (
-        gather_scores(train, runtime),
-        gather_scores(val, runtime),
-        ema_val and gather_scores(ema_val, runtime),
+        training.gather_scores(train, runtime),
+        training.gather_scores(val, runtime),
+        ema_val and training.gather_scores(ema_val, runtime),
         train_seconds,
     )
 
@@ -1131,29 +492,29 @@ def next_epoch_overruns(args, history):
     last = epochs[-1]
     # A history written before train_seconds was recorded: the whole epoch scales.
     training = last.get("train_seconds", last["seconds"])
-    next_size = epoch_image_size(args, len(epochs))
+    next_size = training_data.epoch_image_size(args, len(epochs))
     estimate = training * (next_size / last["image_size"]) ** 2 + last["seconds"] - training
     return spent + estimate > 60 * args.time_budget
 
 
 def write_history(out, history):
-    common.atomic_write_text(out / HISTORY_FILE, json.dumps(history, indent=2, allow_nan=False))
+    files.atomic_write_text(out / HISTORY_FILE, json.dumps(history, indent=2, allow_nan=False))
 
 
 def train_model(args, runtime, resume_state=None):
     """The training loop: best checkpoint on improvement, last checkpoint every epoch, early stop,
     and a clean end before an epoch that would overrun --time-budget."""
     out = Path(args.out)
-    head = choose_head(args, runtime)
+    head = training_data.choose_head(args, runtime)
     loaders = {
-        "train": train_loader(args, runtime, head),
-        "val": eval_loader(Path(args.data) / "val", args, runtime),
+        "train": training_data.train_loader(args, runtime, head),
+        "val": training_data.eval_loader(Path(args.data) / "val", args, runtime),
     }
-    val_labels = [label for _, label in common.list_prepared_images(Path(args.data) / "val")]
+    val_labels = [label for _, label in prepared.list_prepared_images(Path(args.data) / "val")]
     monitor = resolve_monitor(args, val_labels, runtime)
     model = build_model(args, runtime, resume_state, head)
-    trainer = build_trainer(args, runtime, model, loaders["train"], head)
-    plateau = plateau_scheduler(args, trainer, monitor)
+    trainer = training.build_trainer(args, runtime, model, loaders["train"], head)
+    plateau = training.plateau_scheduler(args, trainer, monitor)
     if resume_state is None:
         progress = Progress(new_history(monitor, runtime, args))
     else:
@@ -1173,7 +534,7 @@ def train_model(args, runtime, resume_state=None):
         train, val, ema_val, train_seconds = run_epoch(args, runtime, trainer, loaders, progress.epoch)
         progress.epoch += 1
         lr = trainer.optimizer.param_groups[0]["lr"]
-        size = epoch_image_size(args, progress.epoch - 1)
+        size = training_data.epoch_image_size(args, progress.epoch - 1)
         seconds = time.perf_counter() - started
         record = epoch_record(progress.epoch, train, val, lr, seconds, train_seconds, size, ema_val)
         record["selected"] = better_weights(record, monitor)
@@ -1215,15 +576,19 @@ def train_model(args, runtime, resume_state=None):
 # --- evaluation --------------------------------------------------------------------------------
 
 
-def print_test_summary(scores, threshold):
+def print_test_summary(true_labels, probabilities, threshold):
     """The test split's figures, from the same functions (metrics.py) as analysis.py's report."""
-    result = metrics.evaluate(scores.labels, scores.probabilities, threshold)
-    predicted = metrics.predict_labels(scores.probabilities, threshold)
+    result = metrics.evaluate(true_labels, probabilities, threshold)
+    predicted = metrics.predict_labels(probabilities, threshold)
     print(f"Test Accuracy: {100 * result['accuracy']:.2f}% ({result['n_images']} images)")
     print("Classification Report:")
     print(
         classification_report(
-            scores.labels, predicted, labels=[0, 1], target_names=list(common.CLASS_NAMES), zero_division=0
+            true_labels,
+            predicted,
+            labels=[0, 1],
+            target_names=list(lesion_labels.CLASS_NAMES),
+            zero_division=0,
         )
     )
     print(f"ROC AUC: {with_interval(result['roc_auc'], result['confidence_intervals_95']['roc_auc'])}")
@@ -1241,23 +606,24 @@ def with_interval(value, interval):
 
 
 def evaluate_best_on_test(args, device, best_path):
-    """Score test/ with the best checkpoint, loaded and scored as analysis.py and the app do."""
-    if not has_test_split(args.data):
+    """Score test/ with the best checkpoint through the serving engine (engine.load_network), as
+    analysis.py and the app do."""
+    samples = prepared.list_prepared_images(Path(args.data) / "test") if has_test_split(args.data) else []
+    if not samples:
         print(f"Note: {args.data}/test has no images, so there is no test evaluation.")
         return None
-    model, meta = common.load_scoring_model(best_path, device)
+    network = engine.load_network(best_path, str(device))
+    meta = network.meta
     print(
         f"Testing {best_path} (epoch {meta['epoch']}; threshold {meta['threshold']:.4f}, "
-        f"{meta['threshold_rule']})."
+        f"{meta['threshold_rule']}; {network.engine})."
     )
-    test = common.score_dataset(
-        model, common.ScoringDataset(Path(args.data) / "test", meta), device, args.batch_size, args.workers
-    )
-    rules = common.ScoringRules(meta)
+    paths, true_labels = zip(*samples, strict=True)
+    test = engine.score_files(network, paths, true_labels, args.batch_size, args.workers, description="Test")
+    rules = scoring.ScoringRules(meta)
     flagged = [not answer["reliable"] for answer in rules.answers(test.logits, test.stage_means, test.facts)]
     print(f"Flagged as not judgeable (out of distribution): {sum(flagged)} of {len(flagged)} test images.")
-    scores = Scores(test.labels, rules.probabilities(test.logits), np.zeros(len(test.labels)))
-    return print_test_summary(scores, meta["threshold"])
+    return print_test_summary(test.labels, rules.probabilities(test.logits), meta["threshold"])
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -1269,51 +635,51 @@ def describe_weights(weights):
     return f"{weights} (ImageNet-pretrained backbone, new head)"
 
 
-def threshold_rule_of_training(args, parser, meta):
+def threshold_rule_of_training(args, typed, meta):
     """--fit-scoring-only keeps the threshold rule the checkpoint was trained with (a fixed 0.5
-    of --preset original stays 0.5), unless this command line gives one."""
+    of --preset original stays 0.5), unless the command line types one."""
     trained = {
         name: value
         for name, value in meta.get("settings", {}).items()
-        if name in ("threshold", "target_sensitivity") and name not in explicit_settings(args, parser)
+        if name in ("threshold", "target_sensitivity") and name not in typed
     }
     return argparse.Namespace(**{**vars(args), **trained})
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
-    parser = get_args_parser()
-    args = parse_args(parser, argv)
+    args = parse_args(get_args_parser(), argv)
+    typed = typed_settings(argv)
     resume_state = None
     if args.resume:
         resume_state = load_last_checkpoint(Path(args.out) / LAST_CHECKPOINT)
-        args = settings_for_resume(args, parser, resume_state["args"])
+        args = settings_for_resume(typed, resume_state["args"])
     check_data_folder(args.data)
     if args.progressive_from > args.image_size:
-        raise common.UserError(
+        raise errors.UserError(
             f"--progressive-from {args.progressive_from} is larger than --image-size {args.image_size}: "
             "progressive resizing grows the images up to the scoring size"
         )
     if args.fit_scoring_only:
-        device = common.choose_device(args.device)
+        device = devices.choose_device(args.device)
         best_path = Path(args.out) / BEST_CHECKPOINT
-        _, meta = common.load_checkpoint(best_path)
-        args = threshold_rule_of_training(args, parser, meta)
-        fit_scoring_rules(best_path, args, device)
+        _, meta = checkpoints.load_checkpoint(best_path)
+        args = threshold_rule_of_training(args, typed, meta)
+        scoring_fit.fit_scoring_rules(best_path, args, device)
         evaluate_best_on_test(args, device, best_path)
         return
-    runtime = start_runtime(args)
+    runtime = devices.start_runtime(args)
     try:
         runtime.log(f"Weights: {describe_weights(args.weights)}.")
         best_path = train_model(args, runtime, resume_state)
         if runtime.is_main:
-            fit_scoring_rules(best_path, args, runtime.device)
+            scoring_fit.fit_scoring_rules(best_path, args, runtime.device)
             evaluate_best_on_test(args, runtime.device, best_path)
     except KeyboardInterrupt:
         print(f"Interrupted: continue with --resume --out {args.out}", file=sys.stderr)
         sys.exit(130)
     finally:
-        stop_runtime(runtime)
+        devices.stop_runtime(runtime)
 
 
 if __name__ == "__main__":

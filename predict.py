@@ -17,7 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import cli
 import engine
+import errors
+import files
+import heatmaps
+import image_input
+import lesion_labels
+import onnx_file
 import scoring
 
 FORMATS = ("csv", "json", "jsonl")
@@ -45,7 +52,7 @@ EXIT_CODES = """exit codes:
 
 
 def get_args_parser():
-    parser = scoring.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,15 +100,15 @@ def get_args_parser():
     add(
         "--batch-size",
         metavar="N",
-        type=scoring.positive_int,
+        type=cli.positive_int,
         default=32,
         help="images per batch (default: %(default)s)",
     )
     add(
         "--workers",
         metavar="N",
-        type=scoring.non_negative_int,
-        default=min(4, scoring.available_cores()),
+        type=cli.non_negative_int,
+        default=min(4, cli.available_cores()),
         help="image-decoding worker processes; 0 decodes in the main process "
         "(default: one per usable core, at most 4)",
     )
@@ -126,24 +133,24 @@ def image_files(paths):
         elif Path(path).is_file():
             files.append(path)
         elif Path(path).exists():
-            raise scoring.UserError(f"{path}: not a file or a folder")
+            raise errors.UserError(f"{path}: not a file or a folder")
         else:
-            raise scoring.UserError(f"{path}: no such file or folder")
+            raise errors.UserError(f"{path}: no such file or folder")
     return files
 
 
 def folder_images(folder):
-    """The images below `folder`, found by their file-name endings (scoring.IMAGE_SUFFIXES, any
+    """The images below `folder`, found by their file-name endings (image_input.IMAGE_SUFFIXES, any
     case), sorted; hidden files and folders are skipped (such as the `._NAME.jpg` files macOS
     leaves beside copied images, which are not images). None is a user error."""
     images = []
     for path in sorted(Path(folder).rglob("*")):
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if path.suffix.lower() in scoring.IMAGE_SUFFIXES and not hidden and path.is_file():
+        if path.suffix.lower() in image_input.IMAGE_SUFFIXES and not hidden and path.is_file():
             images.append(str(path))
     if not images:
-        endings = ", ".join(scoring.IMAGE_SUFFIXES)
-        raise scoring.UserError(f"{folder}: no images in this folder or below it (looked for {endings})")
+        endings = ", ".join(image_input.IMAGE_SUFFIXES)
+        raise errors.UserError(f"{folder}: no images in this folder or below it (looked for {endings})")
     return images
 
 
@@ -169,7 +176,7 @@ def make_folder(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise scoring.UserError(
+        raise errors.UserError(
             f"{folder}: cannot make this folder for the heat maps ({error.strerror})"
         ) from None
 
@@ -186,7 +193,7 @@ def score_files(files, network, batch_size=32, workers=0, heatmaps=None):
     image_files = engine.ImageFiles(files, network.meta, keep_images=heatmaps is not None)
     rows = []
     with tqdm(
-        total=len(files), unit="img", desc="Scoring", disable=not scoring.show_progress(), leave=False
+        total=len(files), unit="img", desc="Scoring", disable=not cli.show_progress(), leave=False
     ) as progress:
         for images, items in engine.decoded_batches(image_files, batch_size, workers):
             answers = score_batch(network, rules, images, items, heatmaps)
@@ -219,11 +226,11 @@ def file_row(file, answer, error):
 
 def write_heatmaps(network, feature_maps, logits, scored, answers, destinations):
     """The heat map of each scored image for its label, drawn as the app draws it."""
-    labels = [scoring.CLASS_NAMES.index(answer["label"]) for answer in answers]
+    labels = [lesion_labels.CLASS_NAMES.index(answer["label"]) for answer in answers]
     masks = network.heatmaps(feature_maps, logits, labels)
     for item, mask in zip(scored, masks, strict=True):
-        with scoring.atomic_output(destinations[item.index]) as file:
-            file.write(scoring.heatmap_png(item.image, mask))
+        with files.atomic_output(destinations[item.index]) as file:
+            file.write(heatmaps.heatmap_png(item.image, mask))
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -260,9 +267,9 @@ def write_output(text, out):
         sys.stdout.write(text)
         return
     try:
-        scoring.atomic_write_text(out, text)
+        files.atomic_write_text(out, text)
     except OSError as error:
-        raise scoring.UserError(f"{out}: cannot write the predictions ({error.strerror or error})") from None
+        raise errors.UserError(f"{out}: cannot write the predictions ({error.strerror or error})") from None
 
 
 def report(rows, seconds, device, out):
@@ -281,21 +288,23 @@ def report(rows, seconds, device, out):
     return failed
 
 
-def export(checkpoint_path):
-    """Write the checkpoint's .onnx file beside it (engine.export)."""
-    onnx_path = scoring.onnx_path_beside(checkpoint_path)
-    engine.export(checkpoint_path, onnx_path)
+def export_beside(checkpoint_path):
+    """Write the checkpoint's .onnx file beside it."""
+    import export  # torch: --export is the one use of predict.py that needs it
+
+    onnx_path = onnx_file.path_beside(checkpoint_path)
+    export.export_onnx(checkpoint_path, onnx_path)
     print(f"Exported {checkpoint_path} to {onnx_path}", file=sys.stderr)
 
 
-@scoring.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.export and args.paths:
         parser.error("--export takes no IMAGE_OR_FOLDER")
     if args.export:
-        export(args.model)
+        export_beside(args.model)
         return
     if not args.paths:
         parser.error("give at least one IMAGE_OR_FOLDER (or --export)")
@@ -303,7 +312,7 @@ def main(argv=None):
     # Every input is checked before the slow scoring starts; the predictions are written whole
     # when it ends.
     if out != "-" and Path(out).is_dir():
-        raise scoring.UserError(f"{out}: is a folder (pass a file name as --out)")
+        raise errors.UserError(f"{out}: is a folder (pass a file name as --out)")
     files = image_files(args.paths)
     heatmaps = heatmap_destinations(files, args.heatmaps) if args.heatmaps else None
     network = engine.load_network(args.model, args.device)

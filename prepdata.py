@@ -24,13 +24,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
 
-import common
+import cli
+import errors
+import image_input
+import lesion_labels
+import prepared
 
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
 # 4:3 dermoscopy images stored at 512x384 keep a 384-pixel short side: training at 384 pixels
@@ -52,7 +55,7 @@ class Record:
     label: int
     lesion_id: str | None = None
     source: Path | None = None
-    diagnosis: str = common.UNKNOWN_DIAGNOSIS
+    diagnosis: str = lesion_labels.UNKNOWN_DIAGNOSIS
 
 
 class SplitFractions(argparse.Action):
@@ -66,7 +69,7 @@ class SplitFractions(argparse.Action):
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(
+    parser = cli.ArgumentParser(
         description="Prepare a split, balanced mel_/nomel_ image tree from a label CSV and an image folder.",
     )
     add = parser.add_argument
@@ -115,7 +118,7 @@ def get_args_parser():
     add(
         "--seed",
         metavar="N",
-        type=common.non_negative_int,
+        type=cli.non_negative_int,
         default=42,
         help="seed of the split and of the augmentation (default: 42)",
     )
@@ -123,7 +126,7 @@ def get_args_parser():
     balance.add_argument(
         "--balance-ratio",
         metavar="RATIO",
-        type=common.positive_float,
+        type=cli.positive_float,
         default=1.0,
         help="augment training melanomas until melanoma = RATIO x non-melanoma (default: 1.0)",
     )
@@ -133,7 +136,7 @@ def get_args_parser():
     add(
         "--max-side",
         metavar="N",
-        type=common.non_negative_int,
+        type=cli.non_negative_int,
         default=DEFAULT_MAX_SIDE,
         help="shrink images whose longer side exceeds N pixels; 0 keeps every image at full size "
         f"(default: {DEFAULT_MAX_SIDE}, which keeps a 384-pixel short side on 4:3 images)",
@@ -141,15 +144,15 @@ def get_args_parser():
     add(
         "--workers",
         metavar="N",
-        type=common.positive_int,
-        default=common.available_cores(),
+        type=cli.positive_int,
+        default=cli.available_cores(),
         help="processes that decode, augment and write images; 1 runs in this process "
         "(default: all cores, here %(default)s)",
     )
     return parser
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_paths(args)
@@ -168,19 +171,19 @@ def prepare(args):
     try:
         temporary.mkdir(parents=True)
     except OSError as error:
-        raise common.UserError(f"{args.out}: cannot create the output folder ({error.strerror})") from None
+        raise errors.UserError(f"{args.out}: cannot create the output folder ({error.strerror})") from None
     try:
         records = stage_images(records, temporary / "staging", args)
         splits = split_records(records, args.split, args.seed)
         manifest = place_originals(splits, temporary)
         manifest += write_augmented_copies(splits["train"], temporary / "train", args)
-        common.write_manifest(temporary / common.MANIFEST_FILE, manifest)
+        prepared.write_manifest(temporary / prepared.MANIFEST_FILE, manifest)
         move_into_place(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     print_summary(manifest, lesions_known)
-    print(f"Wrote {len(manifest)} images and {common.MANIFEST_FILE} to {args.out}")
+    print(f"Wrote {len(manifest)} images and {prepared.MANIFEST_FILE} to {args.out}")
 
 
 # --- checking the command line -----------------------------------------------------------------
@@ -188,19 +191,19 @@ def prepare(args):
 
 def check_paths(args):
     if not args.csv.is_file():
-        raise common.UserError(f"{args.csv}: label CSV not found (pass --csv PATH)")
+        raise errors.UserError(f"{args.csv}: label CSV not found (pass --csv PATH)")
     if not args.images.is_dir():
-        raise common.UserError(f"{args.images}: images folder not found (pass --images FOLDER)")
+        raise errors.UserError(f"{args.images}: images folder not found (pass --images FOLDER)")
     if args.metadata is not None and not args.metadata.is_file():
-        raise common.UserError(f"{args.metadata}: metadata CSV not found")
+        raise errors.UserError(f"{args.metadata}: metadata CSV not found")
     if args.out.exists() and not args.out.is_dir():
-        raise common.UserError(f"{args.out}: exists and is not a folder")
+        raise errors.UserError(f"{args.out}: exists and is not a folder")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
-        raise common.UserError(f"{args.out}: folder exists and is not empty (pass --overwrite to replace it)")
+        raise errors.UserError(f"{args.out}: folder exists and is not empty (pass --overwrite to replace it)")
     out = args.out.resolve()
     for source in (args.csv, args.images, args.metadata):
         if source is not None and overlaps(out, source.resolve()):
-            raise common.UserError(f"--out {args.out} overlaps the input {source}; choose another --out")
+            raise errors.UserError(f"--out {args.out} overlaps the input {source}; choose another --out")
 
 
 def overlaps(a, b):
@@ -227,13 +230,13 @@ def read_records(args):
             label,
             lesions.get(image_id),
             files[image_id],
-            common.diagnosis_for(label, diagnoses.get(image_id)),
+            lesion_labels.diagnosis_for(label, diagnoses.get(image_id)),
         )
         for image_id, label in sorted(labels.items())
         if image_id in files
     ]
     if not records:
-        raise common.UserError(
+        raise errors.UserError(
             f"none of the {len(labels)} images of {args.csv} is in {args.images} "
             "(looked for <image>.jpg, <image>.png, ...)"
         )
@@ -262,11 +265,11 @@ def read_csv_rows(path):
                 if "".join(fields).strip()
             ]
     except (UnicodeDecodeError, csv.Error) as error:
-        raise common.UserError(f"{path}: not a readable CSV file ({error})") from None
+        raise errors.UserError(f"{path}: not a readable CSV file ({error})") from None
     if not lines:
-        raise common.UserError(f"{path}: empty CSV file")
+        raise errors.UserError(f"{path}: empty CSV file")
     if len(lines) == 1:
-        raise common.UserError(f"{path}: CSV has a header but no rows")
+        raise errors.UserError(f"{path}: CSV has a header but no rows")
     columns = [name.strip().lower() for name in lines[0][1]]
     rows = [
         (number, {name: value.strip() for name, value in zip(columns, fields, strict=False)})
@@ -286,13 +289,13 @@ def labelled_rows(path, columns, rows):
             (line, row.get("image_id", ""), int(row.get("dx", "").lower() == "mel")) for line, row in rows
         ]
     else:
-        raise common.UserError(
+        raise errors.UserError(
             f"{path}: no label column (need image + MEL of a one-hot ground truth, or image_id + dx "
             f"of HAM10000 metadata); found: {', '.join(sorted(columns))}"
         )
     for line, image_id, _ in labelled:
         if not image_id:
-            raise common.UserError(f"{path} line {line}: no image id")
+            raise errors.UserError(f"{path} line {line}: no image id")
     return [(strip_image_suffix(image_id), label) for _, image_id, label in labelled]
 
 
@@ -302,8 +305,8 @@ def one_hot_label(value, path, line):
     except ValueError:
         number = None
     if number not in (0.0, 1.0):
-        raise common.UserError(f"{path} line {line}: MEL value {value!r} is not 0 or 1")
-    return common.MELANOMA if number == 1.0 else common.NON_MELANOMA
+        raise errors.UserError(f"{path} line {line}: MEL value {value!r} is not 0 or 1")
+    return lesion_labels.MELANOMA if number == 1.0 else lesion_labels.NON_MELANOMA
 
 
 def unique_labels(labelled):
@@ -322,7 +325,7 @@ def unique_labels(labelled):
 def strip_image_suffix(image_id):
     """Some CSVs write `ISIC_1.jpg` where others write `ISIC_1`."""
     stem, suffix = os.path.splitext(image_id)
-    return stem if suffix.lower() in common.IMAGE_SUFFIXES else image_id
+    return stem if suffix.lower() in image_input.IMAGE_SUFFIXES else image_id
 
 
 def lesion_ids(args, columns, rows):
@@ -338,7 +341,7 @@ def lesion_ids(args, columns, rows):
         columns, rows = read_csv_rows(path)
     image_column = "image_id" if "image_id" in columns else "image"
     if not {"lesion_id", image_column} <= columns:
-        raise common.UserError(f"{path}: lesion ids need lesion_id and image_id (or image) columns")
+        raise errors.UserError(f"{path}: lesion ids need lesion_id and image_id (or image) columns")
     print(f"Lesion ids from {path}: all images of one lesion go to the same split.")
     return {
         strip_image_suffix(row[image_column]): row["lesion_id"]
@@ -374,7 +377,7 @@ def image_id(row):
 def one_hot_diagnosis(row, names):
     """The one column holding 1 (ISIC's 'unk' is an unknown diagnosis); none or several: unknown."""
     marked = [name for name in names if row.get(name, "") in ("1", "1.0")]
-    return marked[0] if len(marked) == 1 and marked[0] != "unk" else common.UNKNOWN_DIAGNOSIS
+    return marked[0] if len(marked) == 1 and marked[0] != "unk" else lesion_labels.UNKNOWN_DIAGNOSIS
 
 
 def metadata_beside(csv_path):
@@ -386,7 +389,7 @@ def find_image_files(folder):
     """{file stem: path} of the image files directly inside `folder` (first suffix wins)."""
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in common.IMAGE_SUFFIXES and path.is_file():
+        if path.suffix.lower() in image_input.IMAGE_SUFFIXES and path.is_file():
             files.setdefault(path.stem, path)
     return files
 
@@ -405,13 +408,13 @@ def stage_images(records, staging, args):
     at most --max-side pixels, and return the records whose image could be read."""
     staging.mkdir()
     tasks = [(record.source, staging / f"{record.image_id}.jpg", args.max_side) for record in records]
-    errors = dict(run_in_parallel(stage_image, tasks, args.workers, "decode"))
-    unreadable = sorted(error for error in errors.values() if error)
+    read_errors = dict(run_in_parallel(stage_image, tasks, args.workers, "decode"))
+    unreadable = sorted(error for error in read_errors.values() if error)
     if unreadable:
         print(f"Unreadable images: {len(unreadable)} skipped:")
         print("\n".join(f"  {error}" for error in unreadable))
     if len(unreadable) == len(records):
-        raise common.UserError(f"none of the {len(records)} images could be read (see the list above)")
+        raise errors.UserError(f"none of the {len(records)} images could be read (see the list above)")
     return [
         Record(
             record.image_id,
@@ -421,7 +424,7 @@ def stage_images(records, staging, args):
             record.diagnosis,
         )
         for record in records
-        if not errors[record.source]
+        if not read_errors[record.source]
     ]
 
 
@@ -429,8 +432,8 @@ def stage_image(task):
     """(source, None) once written, or (source, the reason it cannot be read)."""
     source, target, max_side = task
     try:
-        image = common.load_image(source, min_size=max_side or None)
-    except common.ImageError as error:
+        image = image_input.load_image(source, min_size=max_side or None)
+    except errors.ImageError as error:
         return source, str(error)
     with Image.open(source) as header:
         fits = not max_side or max(header.size) <= max_side
@@ -465,8 +468,8 @@ def split_records(records, fractions, seed):
     for record in records:
         key = ("lesion", record.lesion_id) if record.lesion_id else ("image", record.image_id)
         groups[key].append(record)
-    splits = {name: [] for name in common.SPLITS}
-    for label in (common.MELANOMA, common.NON_MELANOMA):
+    splits = {name: [] for name in prepared.SPLITS}
+    for label in (lesion_labels.MELANOMA, lesion_labels.NON_MELANOMA):
         keys = [key for key, members in groups.items() if group_label(members) == label]
         keys.sort(key=lambda key: stable_hash(seed, *key))
         total = sum(len(groups[key]) for key in keys)
@@ -487,10 +490,10 @@ def split_at(position, fractions):
     """The split whose share of [0, 1) holds `position`; float rounding at the very end falls
     into the last split that has a share."""
     upper_bounds = np.cumsum(fractions) / sum(fractions)
-    for name, upper in zip(common.SPLITS, upper_bounds, strict=True):
+    for name, upper in zip(prepared.SPLITS, upper_bounds, strict=True):
         if position < upper:
             return name
-    return [name for name, fraction in zip(common.SPLITS, fractions, strict=True) if fraction > 0][-1]
+    return [name for name, fraction in zip(prepared.SPLITS, fractions, strict=True) if fraction > 0][-1]
 
 
 def stable_hash(*parts):
@@ -508,7 +511,7 @@ def place_originals(splits, tree):
     for name, records in splits.items():
         (tree / name).mkdir()
         for record in records:
-            file = common.prepared_filename(record.label, record.image_id)
+            file = prepared.prepared_filename(record.label, record.image_id)
             os.rename(record.source, tree / name / file)
             manifest.append(manifest_row(name, file, record, augmented=False))
     (tree / "staging").rmdir()
@@ -516,14 +519,14 @@ def place_originals(splits, tree):
 
 
 def manifest_row(split, file, record, augmented):
-    return common.ManifestRow(
+    return prepared.ManifestRow(
         split, file, record.label, record.image_id, record.lesion_id, augmented, record.diagnosis
     )
 
 
 def write_augmented_copies(train, folder, args):
     """Augment training melanomas until melanoma = ratio x non-melanoma; their manifest rows."""
-    melanomas = [record for record in train if record.label == common.MELANOMA]
+    melanomas = [record for record in train if record.label == lesion_labels.MELANOMA]
     non_melanoma = len(train) - len(melanomas)
     wanted = 0 if args.no_balance else round(args.balance_ratio * non_melanoma) - len(melanomas)
     if wanted <= 0:
@@ -537,11 +540,11 @@ def write_augmented_copies(train, folder, args):
     tasks, manifest = [], []
     for record in melanomas:
         files = {
-            index: common.prepared_filename(record.label, record.image_id, index)
+            index: prepared.prepared_filename(record.label, record.image_id, index)
             for index in copies[record.image_id]
         }
         if files:
-            source = folder / common.prepared_filename(record.label, record.image_id)
+            source = folder / prepared.prepared_filename(record.label, record.image_id)
             tasks.append(
                 (source, record.image_id, {index: folder / file for index, file in files.items()}, args.seed)
             )
@@ -555,7 +558,7 @@ def augment_image(task):
     """Write the augmented copies of one image. Each copy's randomness comes from (seed, image id,
     copy index) alone, so any number of workers in any order writes the same bytes."""
     source, image_id, targets, seed = task
-    pixels = np.asarray(common.load_image(source))
+    pixels = np.asarray(image_input.load_image(source))
     with Image.open(source) as header:
         options = jpeg_options(header)
     pipeline = augmentation(square=pixels.shape[0] == pixels.shape[1])
@@ -573,6 +576,10 @@ def augmentation(square):
     """The original project's augmentation set, in the albumentations 2.x API, with reflection
     fill. 90-degree turns only for square images: a turned 4:3 image would become the only
     portrait images in the set, another artefact real melanomas lack."""
+    # Imported here, in the processes that augment: albumentations imports torch whenever it is
+    # installed, and nothing else prepdata.py does needs it.
+    import albumentations as A
+
     quarter_turns = [A.RandomRotate90(p=0.5)] if square else []
     return A.Compose(
         [
@@ -632,7 +639,7 @@ def run_in_parallel(function, tasks, workers, description):
     pool = spawn.Pool(workers, initializer=start_worker) if workers > 1 else nullcontext()
     with (
         pool,
-        tqdm(total=len(tasks), desc=description, unit="img", disable=not common.show_progress()) as bar,
+        tqdm(total=len(tasks), desc=description, unit="img", disable=not cli.show_progress()) as bar,
     ):
         # Small chunks keep the bar moving and the cores evenly loaded.
         chunk = max(1, min(16, len(tasks) // (workers * 8)))
@@ -659,11 +666,11 @@ def print_summary(manifest, lesions_known):
     print(
         f"\n{'split':<6} {'images':>7} {'lesions':>8} {'melanoma':>9} {'non-melanoma':>13} {'augmented':>10}"
     )
-    for name in common.SPLITS:
+    for name in prepared.SPLITS:
         rows = [row for row in manifest if row.split == name]
         originals = [row for row in rows if not row.augmented]
         lesions = len({row.lesion_id or row.source_image for row in originals}) if lesions_known else "-"
-        melanoma = sum(row.label == common.MELANOMA for row in rows)
+        melanoma = sum(row.label == lesion_labels.MELANOMA for row in rows)
         augmented = len(rows) - len(originals)
         print(
             f"{name:<6} {len(rows):>7} {lesions:>8} {melanoma:>9} {len(rows) - melanoma:>13} {augmented:>10}"

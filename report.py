@@ -12,13 +12,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skmetrics
 
-import common
+import image_input
+import lesion_labels
 import metrics
 
 GALLERY_COLUMNS = 4
 THUMBNAIL_SIZE = 224
-MELANOMA_NAME = common.CLASS_NAMES[common.MELANOMA]
-NON_MELANOMA_NAME = common.CLASS_NAMES[common.NON_MELANOMA]
+MELANOMA_NAME = lesion_labels.CLASS_NAMES[lesion_labels.MELANOMA]
+NON_MELANOMA_NAME = lesion_labels.CLASS_NAMES[lesion_labels.NON_MELANOMA]
 NEEDS_BOTH = "undefined: the folder needs images of both classes"
 # The learning curves' panels: (the key in each epoch of the training history, the panel's title).
 HISTORY_CURVES = (("loss", "Loss"), ("accuracy_at_0.5", "Accuracy at probability 0.5"), ("auc", "ROC AUC"))
@@ -250,7 +251,7 @@ def plot_misclassified(missed, alarms, threshold, per_kind):
 
 
 def show_error(axes, error, kind, colour):
-    thumbnail = common.load_image(error["path"], min_size=THUMBNAIL_SIZE)
+    thumbnail = image_input.load_image(error["path"], min_size=THUMBNAIL_SIZE)
     thumbnail.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     axes.imshow(thumbnail)
     title = f"{kind}\n{shorten(error['file'])}\np(melanoma) = {error['probability']:.4f}"

@@ -29,10 +29,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # app_harness and torch_reference: what the tests see of the app
 
 import app_harness  # noqa: E402
-import common  # noqa: E402
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import engine  # noqa: E402
+import errors  # noqa: E402
+import export  # noqa: E402
+import image_input  # noqa: E402
+import scoring  # noqa: E402
+import torch_reference  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SMALL_IMAGES = SHARED_DATA / "ham10000_sample" / "images"
@@ -123,10 +131,10 @@ def forward_ms(checkpoint, onnx_path, photo, repeats=30):
     all usable cores: eager torch fp32 as the original project served it (the network in its
     default memory layout, NCHW), the same network in channels_last (how this project's torch
     paths load it; for reference), and the engine on its export."""
-    network = engine.OnnxEngine(onnx_path, threads=common.available_cores())
-    channels_last, meta = common.load_checkpoint(checkpoint)
+    network = engine.OnnxEngine(onnx_path, threads=cli.available_cores())
+    channels_last, meta = checkpoints.load_checkpoint(checkpoint)
     original = copy.deepcopy(channels_last).to(memory_format=torch.contiguous_format)
-    batch = network.batch([common.load_image(photo, min_size=meta["image_size"])])
+    batch = network.batch([image_input.load_image(photo, min_size=meta["image_size"])])
     tensor = torch.from_numpy(batch)
 
     def eager(model):
@@ -165,12 +173,14 @@ def answer_overhead(checkpoint, photos, repeats=30):
     """Median ms of one 600x450 upload's model step at batch 1, in this process: the plain
     forward pass and softmax (what the app ran before it judged images), against the whole
     answer (stage means, calibrated probability, out-of-distribution score, image facts)."""
-    model, meta = common.load_scoring_model(checkpoint)
-    image = common.load_image(photos[0], min_size=meta["image_size"])
+    model, meta = checkpoints.load_scoring_model(checkpoint)
+    image = image_input.load_image(photos[0], min_size=meta["image_size"])
     batch = (
-        common.checkpoint_transform(meta)(image).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        torch_reference.checkpoint_transform(meta)(image)
+        .unsqueeze(0)
+        .contiguous(memory_format=torch.channels_last)
     )
-    rules = common.ScoringRules(with_ood_rules(model, meta, photos))
+    rules = scoring.ScoringRules(with_ood_rules(model, meta, photos))
     cpu = torch.device("cpu")
 
     @torch.inference_mode()
@@ -178,8 +188,8 @@ def answer_overhead(checkpoint, photos, repeats=30):
         torch.softmax(model(batch), dim=1)
 
     def answer():
-        logits, stage_means = common.network_outputs(model, batch, cpu)
-        rules.answers(logits, stage_means, [common.image_facts(image, meta["image_size"])])
+        logits, stage_means = backbones.network_outputs(model, batch, cpu)
+        rules.answers(logits, stage_means, [image_input.image_facts(image, meta["image_size"])])
 
     timings = {}
     for name, step in (("plain", plain), ("answer", answer)) * 2:  # the first round warms up
@@ -194,12 +204,12 @@ def with_ood_rules(model, meta, photos):
         return meta
     import model as training  # the bench may use the training code; the app never does
 
-    transform = common.checkpoint_transform(meta)
+    transform = torch_reference.checkpoint_transform(meta)
     batch = torch.stack(
-        [transform(common.load_image(photo, min_size=meta["image_size"])) for photo in photos]
+        [transform(image_input.load_image(photo, min_size=meta["image_size"])) for photo in photos]
     )
-    _, stage_means = common.network_outputs(model, batch, torch.device("cpu"))
-    scored = common.ScoredImages(np.zeros(len(photos), dtype=int), None, stage_means, None)
+    _, stage_means = backbones.network_outputs(model, batch, torch.device("cpu"))
+    scored = engine.ScoredImages(np.zeros(len(photos), dtype=int), None, stage_means, None)
     return {**meta, "ood": training.fit_ood(scored, stage_means, 0.05)}
 
 
@@ -210,7 +220,7 @@ def timed(step):
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description="Time app.py over HTTP on 127.0.0.1 with real images.")
+    parser = cli.ArgumentParser(description="Time app.py over HTTP on 127.0.0.1 with real images.")
     add = parser.add_argument
     add("--model", type=Path, default=None, help="checkpoint to serve (default: random weights)")
     add("--image-size", type=int, default=384, help="image size of the random checkpoint (default: 384)")
@@ -230,22 +240,24 @@ def get_args_parser():
     return parser
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     for folder in (SMALL_IMAGES, LARGE_PHOTOS):
         if not folder.is_dir():
-            raise common.UserError(f"{folder}: real images not found (see ../shared/data/README.md)")
+            raise errors.UserError(f"{folder}: real images not found (see ../shared/data/README.md)")
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = args.model
         if checkpoint is None:
             checkpoint = Path(scratch) / "random_model.pth"
-            model = common.SkinLesionModel(weights="none")
-            common.save_checkpoint(checkpoint, model, common.checkpoint_metadata(image_size=args.image_size))
-        _, meta = common.load_checkpoint(checkpoint)
+            model = backbones.SkinLesionModel(weights="none")
+            checkpoints.save_checkpoint(
+                checkpoint, model, checkpoints.checkpoint_metadata(image_size=args.image_size)
+            )
+        _, meta = checkpoints.load_checkpoint(checkpoint)
         weights = meta["weights"] if args.model else "random"
         print(f"{cpu_name()}, torch {torch.__version__}, {meta['image_size']} px, weights: {weights}")
-        onnx_path = common.export_onnx(checkpoint, Path(scratch) / "served.onnx")
+        onnx_path = export.export_onnx(checkpoint, Path(scratch) / "served.onnx")
         if not args.precision_only:
             served = run_benchmark(args, onnx_path)
             report_targets(served, forward_ms(checkpoint, onnx_path, sorted(SMALL_IMAGES.glob("*.jpg"))[0]))
@@ -258,7 +270,7 @@ def main(argv=None):
         if args.precision_data:
             photos = sorted(args.precision_data.glob("*.jpg"))
             if not photos:
-                raise common.UserError(f"{args.precision_data}: no .jpg images here")
+                raise errors.UserError(f"{args.precision_data}: no .jpg images here")
         gap = app_harness.precision_gap(checkpoint, photos, onnx_path)
         print(f"max |probability - fp32 probability| over {len(photos)} real images: {gap:.1e} (target 1e-4)")
 

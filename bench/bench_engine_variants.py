@@ -36,8 +36,12 @@ sys.path.insert(0, str(ROOT))
 from bench_app import cpu_name  # noqa: E402
 from bench_predict import load_average  # noqa: E402
 
-import common  # noqa: E402
+import cli  # noqa: E402
 import engine  # noqa: E402
+import export  # noqa: E402
+import onnx_file  # noqa: E402
+import prepared  # noqa: E402
+import scoring  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench_runs" / "gpu" / "run" / "best_model.pth"
 DEFAULT_DATA = ROOT / "bench_runs" / "gpu" / "prepared_dataset"
@@ -66,7 +70,7 @@ def session(onnx_path, threads, level=onnxruntime.GraphOptimizationLevel.ORT_ENA
 def logits_of(ort_session, inputs, batch_size=32):
     return np.concatenate(
         [
-            ort_session.run(["logits"], {common.ONNX_INPUT: inputs[start : start + batch_size]})[0]
+            ort_session.run(["logits"], {onnx_file.INPUT: inputs[start : start + batch_size]})[0]
             for start in range(0, len(inputs), batch_size)
         ]
     )
@@ -75,11 +79,11 @@ def logits_of(ort_session, inputs, batch_size=32):
 def forward_ms(ort_session, one_image, repeats):
     """Median ms of a batch-1 forward pass (every output, as the engine runs it)."""
     for _ in range(3):  # first-call costs
-        ort_session.run(None, {common.ONNX_INPUT: one_image})
+        ort_session.run(None, {onnx_file.INPUT: one_image})
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
-        ort_session.run(None, {common.ONNX_INPUT: one_image})
+        ort_session.run(None, {onnx_file.INPUT: one_image})
         timings.append(1000 * (time.perf_counter() - start))
     return statistics.median(timings)
 
@@ -92,7 +96,7 @@ class CalibrationImages(quantization.CalibrationDataReader):
 
     def get_next(self):
         one = next(self.inputs, None)
-        return None if one is None else {common.ONNX_INPUT: one[np.newaxis]}
+        return None if one is None else {onnx_file.INPUT: one[np.newaxis]}
 
 
 def quantized_int8(onnx_path, calibration_inputs, folder):
@@ -136,7 +140,7 @@ def verdict(ratio, difference, auc_change):
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description="The engine's faster variants against its fp32 default.")
+    parser = cli.ArgumentParser(description="The engine's faster variants against its fp32 default.")
     add = parser.add_argument
     add("--model", type=Path, default=DEFAULT_MODEL, help="trained checkpoint (default: %(default)s)")
     add(
@@ -145,8 +149,8 @@ def get_args_parser():
         default=DEFAULT_DATA,
         help="prepared tree with train/ and val/ (default: %(default)s)",
     )
-    add("--threads", type=common.positive_int, default=2, help="ONNX Runtime threads (default: 2)")
-    add("--repeats", type=common.positive_int, default=25, help="timed forward passes (default: 25)")
+    add("--threads", type=cli.positive_int, default=2, help="ONNX Runtime threads (default: 2)")
+    add("--repeats", type=cli.positive_int, default=25, help="timed forward passes (default: 25)")
     return parser
 
 
@@ -174,11 +178,11 @@ def report(name, figures, reference):
 
 def sampled_images(data):
     """(every 8th validation image, at most 200; their labels; 100 original training images)."""
-    val = common.list_prepared_images(data / "val")[::8][:200]
+    val = prepared.list_prepared_images(data / "val")[::8][:200]
     train = [
         path
-        for path, _ in common.list_prepared_images(data / "train")
-        if not common.is_augmented_filename(path.name)
+        for path, _ in prepared.list_prepared_images(data / "train")
+        if not prepared.is_augmented_filename(path.name)
     ]
     return (
         [path for path, _ in val],
@@ -187,12 +191,12 @@ def sampled_images(data):
     )
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     val, labels, calibration_paths = sampled_images(args.data)
     with tempfile.TemporaryDirectory() as scratch:
-        onnx_path = common.export_onnx(args.model, Path(scratch) / "fp32.onnx")
+        onnx_path = export.export_onnx(args.model, Path(scratch) / "fp32.onnx")
         meta = engine.OnnxEngine(onnx_path).meta
         inputs = inputs_of(val, meta)
         print(
@@ -215,7 +219,7 @@ def main(argv=None):
             converted_fp16(onnx_path, scratch),
             onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL,
         )
-        rules = common.ScoringRules(meta)
+        rules = scoring.ScoringRules(meta)
         reference = None
         for name, (path, level) in variants.items():
             figures = measured(path, level, args.threads, args.repeats, inputs, rules, labels)

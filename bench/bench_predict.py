@@ -23,8 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench_app import cpu_name  # noqa: E402
 
-import common  # noqa: E402
+import cli  # noqa: E402
 import engine  # noqa: E402
+import errors  # noqa: E402
+import export  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench_runs" / "gpu" / "run" / "best_model.pth"
 DEFAULT_DATA = ROOT / "bench_runs" / "gpu" / "prepared_dataset" / "test"
@@ -54,39 +56,39 @@ def predict_images_per_second(onnx_path, data, batch_size, workers, out):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise common.UserError(f"predict.py failed: {result.stderr.strip().splitlines()[-1]}")
+        raise errors.UserError(f"predict.py failed: {result.stderr.strip().splitlines()[-1]}")
     return float(PREDICT_SPEED.search(result.stderr).group(1)), seconds
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description="predict.py's images/s against the engine's batch throughput.")
+    parser = cli.ArgumentParser(description="predict.py's images/s against the engine's batch throughput.")
     add = parser.add_argument
     add("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
     add("--data", type=Path, default=DEFAULT_DATA, help="folder of images (default: %(default)s)")
-    add("--batch-size", type=common.positive_int, default=32, help="images per batch (default: 32)")
+    add("--batch-size", type=cli.positive_int, default=32, help="images per batch (default: 32)")
     add(
         "--workers",
-        type=common.non_negative_int,
-        default=min(4, common.available_cores()),
+        type=cli.non_negative_int,
+        default=min(4, cli.available_cores()),
         help="predict.py's decoding processes (default: its own default)",
     )
     return parser
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if not args.data.is_dir():
-        raise common.UserError(f"{args.data}: no such folder")
+        raise errors.UserError(f"{args.data}: no such folder")
     files = [str(path) for path in sorted(args.data.glob("*.jpg"))]
     if not files:
-        raise common.UserError(f"{args.data}: no .jpg images here")
+        raise errors.UserError(f"{args.data}: no .jpg images here")
     with tempfile.TemporaryDirectory() as scratch:
-        onnx_path = common.export_onnx(args.model, Path(scratch) / "served.onnx")
-        network = engine.OnnxEngine(onnx_path, threads=common.available_cores())
+        onnx_path = export.export_onnx(args.model, Path(scratch) / "served.onnx")
+        network = engine.OnnxEngine(onnx_path, threads=cli.available_cores())
         size = network.meta["image_size"]
         print(
-            f"{cpu_name()}, {common.available_cores()} cores, {len(files)} images, {size} px, "
+            f"{cpu_name()}, {cli.available_cores()} cores, {len(files)} images, {size} px, "
             f"batch {args.batch_size}"
         )
         figures = {}

@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import cli  # noqa: E402
 import prepdata  # noqa: E402
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description="Time prepdata.py on all cores and on one process.")
+    parser = cli.ArgumentParser(description="Time prepdata.py on all cores and on one process.")
     parser.add_argument(
         "--data",
         type=Path,
@@ -33,7 +33,7 @@ def get_args_parser():
     parser.add_argument(
         "--workers",
         type=int,
-        default=common.available_cores(),
+        default=cli.available_cores(),
         help="processes for the parallel run (default: all cores, here %(default)s)",
     )
     parser.add_argument(
@@ -66,7 +66,7 @@ def tree_bytes(folder):
     return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:

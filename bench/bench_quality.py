@@ -25,11 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # app_harness and torch_reference: what the tests see of the app
 
 import budget  # noqa: E402
 
 import app_harness  # noqa: E402
-import common  # noqa: E402
+import cli  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ham10000_300"
 
@@ -234,7 +235,7 @@ def start_run(args):
 def finish_report(lines, start, path):
     """Add the total wall time, print the report and write it to `path`."""
     minutes = (time.perf_counter() - start) / 60
-    lines.append(f"total wall time: {minutes:.1f} min on {common.available_cores()} cores")
+    lines.append(f"total wall time: {minutes:.1f} min on {cli.available_cores()} cores")
     print("\n" + "\n".join(lines))
     path.write_text("\n".join(lines) + "\n")
 

@@ -26,8 +26,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import backbones  # noqa: E402
+import cli  # noqa: E402
+import devices  # noqa: E402
+import errors  # noqa: E402
 import model  # noqa: E402
+import prepared  # noqa: E402
+import training  # noqa: E402
+import training_data  # noqa: E402
 
 # name: (memory format, autocast dtype)
 MODES = {
@@ -38,7 +44,7 @@ MODES = {
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description="Time training: model alone vs the full input pipeline.")
+    parser = cli.ArgumentParser(description="Time training: model alone vs the full input pipeline.")
     add = parser.add_argument
     add(
         "--data",
@@ -54,12 +60,12 @@ def get_args_parser():
         default=list(MODES),
         help="precisions to time (default: all three)",
     )
-    add("--batch-size", type=common.positive_int, default=16, help="images per step (default: 16)")
-    add("--steps", type=common.positive_int, default=5, help="timed steps per run (default: 5)")
-    add("--warmup", type=common.positive_int, default=1, help="untimed steps first (default: 1)")
+    add("--batch-size", type=cli.positive_int, default=16, help="images per step (default: 16)")
+    add("--steps", type=cli.positive_int, default=5, help="timed steps per run (default: 5)")
+    add("--warmup", type=cli.positive_int, default=1, help="untimed steps first (default: 1)")
     add(
         "--workers",
-        type=common.non_negative_int,
+        type=cli.non_negative_int,
         default=model.get_args_parser().get_default("workers"),
         help="loader processes for (b) (default: model.py's default, %(default)s)",
     )
@@ -97,9 +103,9 @@ def images_per_second(loader, device, mode, warmup):
     """One epoch over `loader` with model.py's Trainer; throughput after the warm-up steps."""
     memory_format, amp_dtype = MODES[mode]
     torch.manual_seed(0)
-    network = common.SkinLesionModel(weights="none").to(device, memory_format=memory_format)
-    optimizer = model.make_optimizer(network.parameters(), device, lr=1e-4, weight_decay=0.05)
-    trainer = model.Trainer(network, optimizer, device, amp_dtype, memory_format=memory_format)
+    network = backbones.SkinLesionModel(weights="none").to(device, memory_format=memory_format)
+    optimizer = training.make_optimizer(network.parameters(), device, lr=1e-4, weight_decay=0.05)
+    trainer = training.Trainer(network, optimizer, device, amp_dtype, memory_format=memory_format)
     timed = TimedLoader(loader, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,7 +122,7 @@ def synchronize(device):
 
 def optimizer_step_seconds(device, fused, steps=5):
     """One AdamW step over EfficientNetV2-S's parameters, with random gradients, after one untimed."""
-    network = common.SkinLesionModel(weights="none").to(device)
+    network = backbones.SkinLesionModel(weights="none").to(device)
     for parameter in network.parameters():
         parameter.grad = torch.randn_like(parameter)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
@@ -139,7 +145,7 @@ def training_step_bytes(size, batch_size, mode):
 
     Storages are counted once, as autograd keeps them (several saved tensors can share one)."""
     memory_format, amp_dtype = MODES[mode]
-    network = common.SkinLesionModel(weights="none").to(memory_format=memory_format)
+    network = backbones.SkinLesionModel(weights="none").to(memory_format=memory_format)
     images = torch.randn(batch_size, 3, size, size).to(memory_format=memory_format)
     saved = {}
 
@@ -148,7 +154,7 @@ def training_step_bytes(size, batch_size, mode):
         return tensor
 
     keep_saved = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-    with keep_saved, common.autocast(torch.device("cpu"), amp_dtype):
+    with keep_saved, devices.autocast(torch.device("cpu"), amp_dtype):
         network(images).sum()
     parameter_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
     return sum(saved.values()), 4 * parameter_bytes  # weights, gradients, two AdamW moments
@@ -163,10 +169,10 @@ def synthetic_loader(count, size, batch_size):
 def pipeline_loader(source, folder, count, size, args, device):
     """model.py's training loader over `count` images of `source`, melanoma and not in turn
     (linked into `folder`, cycling when there are fewer), exactly as training builds it."""
-    images = common.list_prepared_images(source)
+    images = prepared.list_prepared_images(source)
     by_class = [[path for path, label in images if label == wanted] for wanted in (0, 1)]
     if not all(by_class):
-        raise common.UserError(
+        raise errors.UserError(
             f"{source}: needs mel_* and nomel_* images (run prepdata.py first, or pass --data)"
         )
     alternating = [path for pair in zip(*by_class, strict=False) for path in pair]
@@ -177,7 +183,7 @@ def pipeline_loader(source, folder, count, size, args, device):
     settings = ["--data", str(folder), "--image-size", str(size), "--batch-size", str(args.batch_size)]
     settings += ["--workers", str(args.workers)]
     loader_args = model.parse_args(model.get_args_parser(), settings)
-    return model.train_loader(loader_args, model.Runtime(device, None), model.Head())
+    return training_data.train_loader(loader_args, devices.Runtime(device, None), training_data.Head())
 
 
 def bench_size(size, args, device):
@@ -209,11 +215,11 @@ def bench_size(size, args, device):
             print(f"  speed-up of {mode} over fp32: (a) {speedups[0]:.2f}x, (b) {speedups[1]:.2f}x")
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = common.choose_device(args.device)
-    threads, bf16 = torch.get_num_threads(), common.cpu_has_native_bf16()
+    device = devices.choose_device(args.device)
+    threads, bf16 = torch.get_num_threads(), devices.cpu_has_native_bf16()
     print(f"torch {torch.__version__}, {threads} CPU threads, CPU with native bf16: {bf16}")
     if not args.memory_only and device.type in ("cpu", "cuda"):
         plain, fused = (optimizer_step_seconds(device, fused) for fused in (None, True))

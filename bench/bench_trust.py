@@ -63,9 +63,20 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # app_harness and torch_reference: what the tests see of the app
 
-import common  # noqa: E402
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import devices  # noqa: E402
+import errors  # noqa: E402
+import files  # noqa: E402
+import image_input  # noqa: E402
+import lesion_labels  # noqa: E402
 import metrics  # noqa: E402
+import prepared  # noqa: E402
+import scoring  # noqa: E402
+import torch_reference  # noqa: E402
 from bench.bench_app import cpu_name  # noqa: E402
 
 # `make bench-quality` leaves our recipe's checkpoint and prepared tree here.
@@ -361,15 +372,15 @@ def kind_of(path):
 
 def score_files(model, meta, rules, paths, description, device, batch_size):
     """(logits, the app's answer for each image) of image files, decoded and scored as app.py does."""
-    size, transform = meta["image_size"], common.checkpoint_transform(meta)
+    size, transform = meta["image_size"], torch_reference.checkpoint_transform(meta)
     logits, answers = [], []
     batches = range(0, len(paths), batch_size)
-    for start in tqdm(batches, description, unit="batch", disable=not common.show_progress(), leave=False):
-        images = [common.load_image(path, min_size=size) for path in paths[start : start + batch_size]]
+    for start in tqdm(batches, description, unit="batch", disable=not cli.show_progress(), leave=False):
+        images = [image_input.load_image(path, min_size=size) for path in paths[start : start + batch_size]]
         batch = torch.stack([transform(image) for image in images])
-        batch_logits, stage_means = common.network_outputs(model, batch, device)
+        batch_logits, stage_means = backbones.network_outputs(model, batch, device)
         answers += rules.answers(
-            batch_logits, stage_means, [common.image_facts(image, size) for image in images]
+            batch_logits, stage_means, [image_input.image_facts(image, size) for image in images]
         )
         logits.append(batch_logits)
     return np.concatenate(logits), answers
@@ -426,13 +437,13 @@ def before_and_after(metric, labels, uncalibrated, calibrated):
 
 def calibration_report(meta, rules, labels, logits):
     """What calibration changes on the test split, and what it must leave alone."""
-    uncalibrated = common.melanoma_probability(logits, melanoma=rules.melanoma)
+    uncalibrated = scoring.melanoma_probability(logits, melanoma_index=rules.melanoma_index)
     calibrated = rules.probabilities(logits)
     roc_auc = before_and_after(metrics.roc_auc, labels, uncalibrated, calibrated)
     melanoma_before = metrics.predict_labels(uncalibrated, meta["threshold_uncalibrated"])
     melanoma_after = metrics.predict_labels(calibrated, meta["threshold"])
     return {
-        "test_melanoma_share": float(np.mean(labels == common.MELANOMA)),
+        "test_melanoma_share": float(np.mean(labels == lesion_labels.MELANOMA)),
         "expected_calibration_error": before_and_after(
             metrics.expected_calibration_error, labels, uncalibrated, calibrated
         ),
@@ -505,7 +516,7 @@ def print_calibration(report, n_test):
 
 
 def get_args_parser():
-    parser = common.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add(
         "--model",
@@ -536,24 +547,24 @@ def get_args_parser():
         default=CHROMIUM,
         help="Chromium for the web-page screenshots; when missing they are skipped (default: %(default)s)",
     )
-    add("--batch-size", type=common.positive_int, default=32, help="images per forward pass (default: 32)")
+    add("--batch-size", type=cli.positive_int, default=32, help="images per forward pass (default: 32)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     return parser
 
 
-@common.exits_on_user_error
+@cli.exits_on_user_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
-    device = common.choose_device(args.device)
-    model, meta = common.load_scoring_model(args.model, device)
-    rules = common.ScoringRules(meta)
+    device = devices.choose_device(args.device)
+    model, meta = checkpoints.load_scoring_model(args.model, device)
+    rules = scoring.ScoringRules(meta)
     problem = missing_scoring_rules(args.model, meta, rules)
     if problem:
-        raise common.UserError(problem)
-    test = common.list_prepared_images(args.data)
+        raise errors.UserError(problem)
+    test = prepared.list_prepared_images(args.data)
     if not test:
-        raise common.UserError(f"{args.data}: no mel_*/nomel_* images in this folder")
+        raise errors.UserError(f"{args.data}: no mel_*/nomel_* images in this folder")
     print(f"{cpu_name()}, torch {torch.__version__}, {device}; {args.model}: {meta['image_size']} px")
     non_lesion_paths = build_non_lesion_set(args.non_lesion, args.chromium)
     print(f"Non-lesion set: {len(non_lesion_paths)} images in {args.non_lesion}")
@@ -577,7 +588,7 @@ def main(argv=None):
     }
     print_flagging(report["flagging"])
     print_calibration(report["calibration"], len(test))
-    common.atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    files.atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     print(f"\nWrote {args.json}")
 
 

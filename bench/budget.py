@@ -21,13 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_train  # noqa: E402
 
-import common  # noqa: E402
+import backbones  # noqa: E402
+import cli  # noqa: E402
+import devices  # noqa: E402
 import model  # noqa: E402
+import training_data  # noqa: E402
 
 # Per epoch, beyond the images: saving the last checkpoint and the history, maybe the best
 # checkpoint, and the summary (about 2 s measured on the 2-core AMD EPYC VM at 128 px).
 EPOCH_OVERHEAD_S = 3.0
-STEP = 16  # progressive resizing moves in steps of 16 pixels (model.epoch_image_size)
+STEP = 16  # progressive resizing moves in steps of 16 pixels (training_data.epoch_image_size)
 
 
 @dataclass
@@ -53,7 +56,7 @@ def measure_costs(train_folder, recipes, batch_size, workers, steps=3, warmup=1)
     """Costs at every size the recipes (lists of model.py flags) train and score at. Other work
     on the machine inflates them (and shrinks the plans): the load average is printed."""
     device = torch.device("cpu")
-    amp_dtype = common.choose_amp_dtype(device, "auto")
+    amp_dtype = devices.choose_amp_dtype(device, "auto")
     mode = "channels_last+bf16" if amp_dtype == torch.bfloat16 else "channels_last"
     settings = [recipe_settings(flags) for flags in recipes]
     costs = Costs()
@@ -65,7 +68,7 @@ def measure_costs(train_folder, recipes, batch_size, workers, steps=3, warmup=1)
             costs.train[size] = 1 / bench_train.images_per_second(loader, device, mode, warmup)
     for size in sorted({recipe.image_size for recipe in settings}):
         costs.val[size] = validation_seconds_per_image(size, batch_size, device)
-    print(f"Costs measured at load average {os.getloadavg()[0]:.2f} on {common.available_cores()} cores")
+    print(f"Costs measured at load average {os.getloadavg()[0]:.2f} on {cli.available_cores()} cores")
     print("Seconds per image: train " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.train.items()))
     print("                   validation " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.val.items()))
     return costs
@@ -74,12 +77,12 @@ def measure_costs(train_folder, recipes, batch_size, workers, steps=3, warmup=1)
 @torch.inference_mode()
 def validation_seconds_per_image(size, batch_size, device, batches=3):
     """model.py validates in fp32 (score_split): the forward pass alone, after one untimed batch."""
-    network = common.SkinLesionModel().eval().to(memory_format=torch.channels_last)
+    network = backbones.SkinLesionModel().eval().to(memory_format=torch.channels_last)
     images = torch.randn(batch_size, 3, size, size).to(memory_format=torch.channels_last)
-    common.network_outputs(network, images, device)
+    backbones.network_outputs(network, images, device)
     start = time.perf_counter()
     for _ in range(batches):
-        common.network_outputs(network, images, device)
+        backbones.network_outputs(network, images, device)
     return (time.perf_counter() - start) / (batches * batch_size)
 
 
@@ -89,7 +92,7 @@ def training_seconds(settings, epochs, costs, train_images, val_images):
     validations = 2 if settings.ema_decay else 1
     total = 0.0
     for epoch in range(epochs):
-        size = model.epoch_image_size(settings, epoch)
+        size = training_data.epoch_image_size(settings, epoch)
         total += train_images * costs.train[size] + validations * val_images * costs.val[settings.image_size]
         total += EPOCH_OVERHEAD_S
     return total

@@ -14,10 +14,19 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
+import export  # noqa: E402
+import image_input  # noqa: E402
+import lesion_labels  # noqa: E402
+import onnx_file  # noqa: E402
+import prepared  # noqa: E402
+import scoring_fit  # noqa: E402
+import torch_reference  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
 
 SAMPLE = ROOT / "sample_data"
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -50,7 +59,7 @@ def make_prepared_folder(folder, count=None, labels=(0, 1)):
     for image_id, label in sorted(sample_labels().items()):
         if label in taken and (count is None or taken[label] < count):
             shutil.copyfile(
-                SAMPLE / "images" / f"{image_id}.jpg", folder / common.prepared_filename(label, image_id)
+                SAMPLE / "images" / f"{image_id}.jpg", folder / prepared.prepared_filename(label, image_id)
             )
             taken[label] += 1
     return folder
@@ -66,20 +75,20 @@ def write_manifest(root):
     """manifest.csv for a tree of make_prepared_folder splits, with the images' real diagnoses."""
     diagnoses = sample_diagnoses()
     rows = []
-    for split in common.SPLITS:
-        for path, label in common.list_prepared_images(root / split) if (root / split).is_dir() else []:
+    for split in prepared.SPLITS:
+        for path, label in prepared.list_prepared_images(root / split) if (root / split).is_dir() else []:
             image_id = path.stem.split("_", 1)[1]
             rows.append(
-                common.ManifestRow(split, path.name, label, image_id, None, False, diagnoses[image_id])
+                prepared.ManifestRow(split, path.name, label, image_id, None, False, diagnoses[image_id])
             )
-    common.write_manifest(root / common.MANIFEST_FILE, rows)
+    prepared.write_manifest(root / prepared.MANIFEST_FILE, rows)
 
 
 def make_random_checkpoint(path, image_size=TINY_IMAGE_SIZE, threshold=0.5, seed=0):
     torch.manual_seed(seed)
-    model = common.SkinLesionModel(weights="none")
-    common.save_checkpoint(
-        path, model, common.checkpoint_metadata(image_size=image_size, threshold=threshold)
+    model = backbones.SkinLesionModel(weights="none")
+    checkpoints.save_checkpoint(
+        path, model, checkpoints.checkpoint_metadata(image_size=image_size, threshold=threshold)
     )
     return Path(path)
 
@@ -93,19 +102,19 @@ def make_varied_checkpoint(path, photos, image_size=TINY_IMAGE_SIZE, threshold=0
     statistics recomputed on the real `photos` give each image its own score.
     """
     torch.manual_seed(0)
-    model = common.SkinLesionModel(weights="none", num_classes=len(diagnoses or common.CLASS_NAMES))
+    model = backbones.SkinLesionModel(weights="none", num_classes=len(diagnoses or lesion_labels.CLASS_NAMES))
     if diagnoses:
         extra |= {"targets": "diagnosis", "diagnoses": list(diagnoses)}
-    meta = common.checkpoint_metadata(image_size=image_size, threshold=threshold, **extra)
-    transform = common.checkpoint_transform(meta)
-    batch = torch.stack([transform(common.load_image(photo, min_size=image_size)) for photo in photos])
+    meta = checkpoints.checkpoint_metadata(image_size=image_size, threshold=threshold, **extra)
+    transform = torch_reference.checkpoint_transform(meta)
+    batch = torch.stack([transform(image_input.load_image(photo, min_size=image_size)) for photo in photos])
     for layer in model.modules():
         if isinstance(layer, torch.nn.BatchNorm2d):
             layer.reset_running_stats()
             layer.momentum = None  # a plain average over what it sees
     with torch.no_grad():
         model.train()(batch)
-    common.save_checkpoint(path, model.eval(), meta)
+    checkpoints.save_checkpoint(path, model.eval(), meta)
     return Path(path)
 
 
@@ -124,7 +133,6 @@ def make_trusted_checkpoint(folder, image_size=TINY_IMAGE_SIZE):
     """A varied checkpoint whose scoring rules (calibration, out-of-distribution score, quality
     limits) model.py fitted on a tree of bundled sample images: every other image of each class
     in train/, the rest in val/ (11 melanomas and 20 others: enough to calibrate)."""
-    import model  # the training script: only the tests that fit rules need it
 
     folder = Path(folder)
     by_label = {label: [] for label in (0, 1)}
@@ -135,16 +143,16 @@ def make_trusted_checkpoint(folder, image_size=TINY_IMAGE_SIZE):
             split = folder / "prepared" / ("train" if index % 2 == 0 else "val")
             split.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(
-                SAMPLE / "images" / f"{image_id}.jpg", split / common.prepared_filename(label, image_id)
+                SAMPLE / "images" / f"{image_id}.jpg", split / prepared.prepared_filename(label, image_id)
             )
-    train_photos = [path for path, _ in common.list_prepared_images(folder / "prepared" / "train")]
+    train_photos = [path for path, _ in prepared.list_prepared_images(folder / "prepared" / "train")]
     checkpoint = make_varied_checkpoint(folder / "best_model.pth", train_photos, image_size=image_size)
     settings = SimpleNamespace(
         data=folder / "prepared", batch_size=16, workers=0, threshold="auto", target_sensitivity=0.9,
         ood_flag_rate=0.05,
     )  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
-        model.fit_scoring_rules(checkpoint, settings, torch.device("cpu"))
+        scoring_fit.fit_scoring_rules(checkpoint, settings, torch.device("cpu"))
     return checkpoint
 
 
@@ -175,7 +183,7 @@ def random_checkpoint(tmp_path_factory):
     network exported beside it (as model.py leaves it), so no test's output holds the line that
     says a first load exported it."""
     checkpoint = make_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "best_model.pth")
-    common.export_onnx(checkpoint, common.onnx_path_beside(checkpoint))
+    export.export_onnx(checkpoint, onnx_file.path_beside(checkpoint))
     return checkpoint
 
 

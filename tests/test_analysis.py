@@ -14,9 +14,14 @@ from PIL import Image
 from sklearn import metrics as skmetrics
 
 import analysis
-import common
+import checkpoints
 import engine
+import lesion_labels
+import prepared
 import report
+import scoring
+import torch_reference
+import training_data
 
 THRESHOLD = 0.495  # near the middle of the varied checkpoint's scores: both kinds of error occur
 HISTORY = {
@@ -37,7 +42,7 @@ OTHER_SPLITS = [("train", 1, "no", 10), ("train", 1, "yes", 20), ("train", 0, "n
 
 
 def write_manifest(root, test_folder):
-    rows = [("test", path.name, label, "no") for path, label in common.list_prepared_images(test_folder)]
+    rows = [("test", path.name, label, "no") for path, label in prepared.list_prepared_images(test_folder)]
     for split, label, augmented, count in OTHER_SPLITS:
         rows += [(split, f"{split}_{label}_{augmented}_{i}.jpg", label, augmented) for i in range(count)]
     with open(root / "manifest.csv", "w", newline="") as file:
@@ -81,7 +86,7 @@ def prepared_tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def varied_checkpoint(tmp_path_factory, prepared_tree):
     path = tmp_path_factory.mktemp("varied") / "best_model.pth"
-    photos = [photo for photo, _ in common.list_prepared_images(prepared_tree / "test")]
+    photos = [photo for photo, _ in prepared.list_prepared_images(prepared_tree / "test")]
     return make_varied_checkpoint(path, photos, threshold=THRESHOLD, threshold_rule="fixed by the test")
 
 
@@ -105,7 +110,7 @@ def full_run(tmp_path_factory, prepared_tree, varied_checkpoint):
 def one_class_run(tmp_path_factory, varied_checkpoint):
     """Only benign images, no training history, --tta, into a folder holding an older run."""
     work = tmp_path_factory.mktemp("one_class")
-    folder = make_prepared_folder(work / "new_images", count=3, labels=(common.NON_MELANOMA,))
+    folder = make_prepared_folder(work / "new_images", count=3, labels=(lesion_labels.NON_MELANOMA,))
     results = work / "results"
     results.mkdir()
     for name in ("learning_curves.png", "metrics.json", "notes.txt"):
@@ -135,7 +140,7 @@ def test_full_run_writes_every_output(full_run):
 def test_predictions_match_the_files_and_the_threshold(full_run, prepared_tree):
     results, _ = full_run
     rows, labels, probabilities, predicted = read_predictions(results)
-    images = common.list_prepared_images(prepared_tree / "test")
+    images = prepared.list_prepared_images(prepared_tree / "test")
     assert [row["file"] for row in rows] == [path.name for path, _ in images]
     assert labels.tolist() == [label for _, label in images]
     assert np.all((probabilities >= 0) & (probabilities <= 1))
@@ -288,18 +293,20 @@ def test_tta_is_reported(one_class_run):
 @pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
 def test_the_engine_scores_the_folder_as_torch_does(varied_checkpoint, prepared_tree, tta):
     """analysis.py scores through the serving engine (the checkpoint's export, made on first
-    load); the answers are torch's common.score_dataset's, TTA views included."""
+    load); the answers are torch's torch_reference.score_dataset's, TTA views included."""
     network = engine.load_network(varied_checkpoint)
     assert network.engine == "onnxruntime"
     folder = prepared_tree / "test"
     ours, _ = analysis.score_folder(network, analysis.prepared_images(folder), 4, 0, tta)
-    model, meta = common.load_scoring_model(varied_checkpoint)
-    theirs = common.score_dataset(model, common.ScoringDataset(folder, meta), torch.device("cpu"), 4, 0, tta)
+    model, meta = checkpoints.load_scoring_model(varied_checkpoint)
+    theirs = torch_reference.score_dataset(
+        model, torch_reference.ScoringDataset(folder, meta), torch.device("cpu"), 4, 0, tta
+    )
     np.testing.assert_array_equal(ours.labels, theirs.labels)
     # Float rounding only: on this random network with real batch-norm statistics, folding the
     # batch norms alone moves torch's probabilities by up to 1.6e-5, ONNX Runtime's by 1.9e-5.
     ours_probabilities, their_probabilities = (
-        common.melanoma_probability(scored.logits) for scored in (ours, theirs)
+        scoring.melanoma_probability(scored.logits) for scored in (ours, theirs)
     )
     np.testing.assert_allclose(ours_probabilities, their_probabilities, rtol=0, atol=5e-5)
     for one, other in zip(ours.stage_means, theirs.stage_means, strict=True):  # rounding grows with depth
@@ -309,13 +316,15 @@ def test_the_engine_scores_the_folder_as_torch_does(varied_checkpoint, prepared_
 
 
 def test_tta_average_does_not_depend_on_orientation(varied_checkpoint, prepared_tree):
-    model, meta = common.load_checkpoint(varied_checkpoint)
-    dataset = common.SkinLesionDataset(prepared_tree / "test", common.checkpoint_transform(meta))
+    model, meta = checkpoints.load_checkpoint(varied_checkpoint)
+    dataset = training_data.SkinLesionDataset(
+        prepared_tree / "test", torch_reference.checkpoint_transform(meta)
+    )
     images = torch.stack([dataset[0][0], dataset[len(dataset) - 1][0]])
     cpu = torch.device("cpu")
 
     def probabilities(batch, tta):
-        return common.melanoma_probability(common.batch_outputs(model, batch, cpu, tta)[0])
+        return scoring.melanoma_probability(torch_reference.batch_outputs(model, batch, cpu, tta)[0])
 
     averaged = probabilities(images, tta=True)
     views = [images.flip(-1), images.flip(-2), images.transpose(-2, -1), torch.rot90(images, 1, (-2, -1))]

@@ -33,7 +33,13 @@ from werkzeug import formparser
 
 import app
 import app_harness
-import common
+import backbones
+import checkpoints
+import heatmaps
+import image_input
+import lesion_labels
+import scoring
+import torch_reference
 
 MODEL_FIELDS = {"arch", "image_size", "weights", "trained_at", "calibrated", "melanoma_share"}
 MODEL_FIELDS |= {"can_flag_images", "engine", "targets"}
@@ -85,12 +91,12 @@ def decoded_data_url(url):
 
 
 def direct_probability(checkpoint, image):
-    """What common.py's scoring path says for `image`, without the app."""
+    """What torch's own scoring path (tests/torch_reference.py) says for `image`, without the app."""
     device = torch.device("cpu")
-    model, meta = common.load_scoring_model(checkpoint, device)
-    batch = common.checkpoint_transform(meta)(image).unsqueeze(0)
-    logits, _ = common.network_outputs(model, batch, device)
-    return float(common.ScoringRules(meta).probabilities(logits)[0])
+    model, meta = checkpoints.load_scoring_model(checkpoint, device)
+    batch = torch_reference.checkpoint_transform(meta)(image).unsqueeze(0)
+    logits, _ = backbones.network_outputs(model, batch, device)
+    return float(scoring.ScoringRules(meta).probabilities(logits)[0])
 
 
 # --- routes and answers ------------------------------------------------------------------------
@@ -120,16 +126,16 @@ def test_healthz_reports_the_model(client):
 
 
 @pytest.mark.parametrize("path", [SMALL_JPEG, HAM_JPEG, LARGE_JPEG], ids=["300x225", "600x450", "3008x2000"])
-def test_predict_answers_what_common_scoring_says(client, random_checkpoint, path):
+def test_predict_answers_what_torch_scoring_says(client, random_checkpoint, path):
     response = post(client, path.read_bytes())
     assert response.status_code == 200, response.get_json()
     answer = response.get_json()
     assert set(answer) == ANSWER_FIELDS
     assert set(answer["model"]) == MODEL_FIELDS
     assert set(answer["timing_ms"]) == {"decode", "model", "total"}
-    expected = direct_probability(random_checkpoint, common.load_image(path, min_size=TINY_IMAGE_SIZE))
+    expected = direct_probability(random_checkpoint, image_input.load_image(path, min_size=TINY_IMAGE_SIZE))
     assert answer["probability"] == pytest.approx(expected, abs=1e-5)
-    assert answer["label"] == common.CLASS_NAMES[int(expected >= answer["threshold"])]
+    assert answer["label"] == lesion_labels.CLASS_NAMES[int(expected >= answer["threshold"])]
     assert answer["warnings"] == []
 
 
@@ -145,7 +151,7 @@ def test_explain_adds_a_heatmap_png_with_the_upload_aspect(client):
     explained = post(client, HAM_JPEG.read_bytes(), route="/api/predict?explain=1").get_json()
     assert "heatmap" not in plain
     width, height = decoded_data_url(explained["heatmap"]).size
-    assert max(width, height) <= common.HEATMAP_MAX_SIDE
+    assert max(width, height) <= heatmaps.HEATMAP_MAX_SIDE
     assert width / height == pytest.approx(600 / 450, rel=0.02)
     assert "heatmap" in explained["timing_ms"]
     # Grad-CAM's hooks are gone afterwards: the next plain answer is unchanged.
@@ -154,7 +160,7 @@ def test_explain_adds_a_heatmap_png_with_the_upload_aspect(client):
 
 def test_original_route_answers_result_too(client):
     answer = post(client, SMALL_JPEG.read_bytes(), route="/").get_json()
-    assert answer["result"] == answer["label"] in common.CLASS_NAMES
+    assert answer["result"] == answer["label"] in lesion_labels.CLASS_NAMES
     assert set(answer) >= ANSWER_FIELDS
 
 

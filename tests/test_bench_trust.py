@@ -1,6 +1,7 @@
 """bench/bench_trust.py's non-lesion set: offline, the same on every run, images the app scores."""
 
-import common
+import backbones
+import image_input
 from bench import bench_trust
 
 
@@ -26,5 +27,5 @@ def test_non_lesion_set_is_varied_readable_and_the_same_on_every_run(tmp_path):
     } <= kinds
     for path, again in zip(first, second, strict=True):
         assert path.read_bytes() == again.read_bytes(), path.name
-        image = common.load_image(path, min_size=common.DEFAULT_IMAGE_SIZE)
-        assert min(image.size) >= common.MIN_IMAGE_SIDE, path.name
+        image = image_input.load_image(path, min_size=backbones.DEFAULT_IMAGE_SIZE)
+        assert min(image.size) >= image_input.MIN_IMAGE_SIDE, path.name

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,9 +19,13 @@ from conftest import (
 )
 from PIL import Image
 
-import common
+import checkpoints
+import devices
+import errors
 import metrics
 import model
+import training
+import training_data
 
 TINY_RUN = f"--image-size {TINY_IMAGE_SIZE} --batch-size 4 --accumulation-steps 2 --weights none".split()
 CHECKPOINT_KEYS = {"arch", "class_names", "image_size", "mean", "std", "threshold", "threshold_rule"}
@@ -49,16 +54,16 @@ def tiny_args(data, out, *extra):
 
 
 def test_accumulation_groups_keep_the_short_last_group():
-    assert model.accumulation_groups(36, 8, 4) == [32, 4]
-    assert model.accumulation_groups(32, 8, 4) == [32]
-    assert model.accumulation_groups(5, 8, 4) == [5]
+    assert training.accumulation_groups(36, 8, 4) == [32, 4]
+    assert training.accumulation_groups(32, 8, 4) == [32]
+    assert training.accumulation_groups(5, 8, 4) == [5]
 
 
 def train_tiny_network(images, labels, batch_size, accumulation_steps):
     """One epoch of a small conv net without batch-norm or dropout, so only accumulation differs."""
     torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
-    trainer = model.Trainer(
+    trainer = training.Trainer(
         network,
         torch.optim.SGD(network.parameters(), lr=0.5),
         torch.device("cpu"),
@@ -96,7 +101,7 @@ def test_accumulated_micro_batches_update_like_one_big_batch(count):
 def test_train_augmentation_adds_no_fill(augmentation):
     """Every geometric change (crop, flip, quarter turn) of a uniform image stays uniform: no
     black corners or borders appear, whatever the random draw."""
-    transform = model.train_transform(TINY_IMAGE_SIZE, augmentation)
+    transform = training_data.train_transform(TINY_IMAGE_SIZE, augmentation)
     uniform = Image.new("RGB", (90, 60), (180, 120, 90))
     torch.manual_seed(0)
     for _ in range(20):
@@ -116,27 +121,34 @@ def augmentation_args(seed=3, progressive_from=0, epochs=3):
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(prepared):
-    images = common.SkinLesionDataset(prepared / "train", transform=None)
-    dataset = model.ReproducibleAugmentation(images, images.labels, augmentation_args())
+    images = training_data.SkinLesionDataset(prepared / "train", transform=None)
+    dataset = training_data.ReproducibleAugmentation(images, images.labels, augmentation_args())
     before = torch.random.get_rng_state()
     first, label = dataset[(0, 1)]
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
     assert torch.equal(dataset[(0, 1)][0], first) and label == images.labels[1]
     assert not torch.equal(dataset[(1, 1)][0], first)
-    other_seed = model.ReproducibleAugmentation(images, images.labels, augmentation_args(seed=4))
+    other_seed = training_data.ReproducibleAugmentation(images, images.labels, augmentation_args(seed=4))
     assert not torch.equal(other_seed[(0, 1)][0], first)
 
 
 def test_progressive_resizing_grows_size_and_augmentation_to_the_final_ones(prepared):
     args = SimpleNamespace(image_size=160, progressive_from=96, epochs=5)
-    sizes = [model.epoch_image_size(args, epoch) for epoch in range(5)]
+    sizes = [training_data.epoch_image_size(args, epoch) for epoch in range(5)]
     assert sizes == [96, 112, 128, 144, 160]
-    strengths = [model.augmentation_strength(args, size) for size in sizes]
+    strengths = [training_data.augmentation_strength(args, size) for size in sizes]
     assert strengths == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert model.epoch_image_size(SimpleNamespace(image_size=160, progressive_from=0, epochs=5), 0) == 160
-    assert model.augmentation_strength(SimpleNamespace(image_size=160, progressive_from=0), 160) == 1.0
-    images = common.SkinLesionDataset(prepared / "train", transform=None)
-    dataset = model.ReproducibleAugmentation(images, images.labels, augmentation_args(progressive_from=32))
+    assert (
+        training_data.epoch_image_size(SimpleNamespace(image_size=160, progressive_from=0, epochs=5), 0)
+        == 160
+    )
+    assert (
+        training_data.augmentation_strength(SimpleNamespace(image_size=160, progressive_from=0), 160) == 1.0
+    )
+    images = training_data.SkinLesionDataset(prepared / "train", transform=None)
+    dataset = training_data.ReproducibleAugmentation(
+        images, images.labels, augmentation_args(progressive_from=32)
+    )
     assert [dataset[(epoch, 0)][0].shape[-1] for epoch in range(3)] == [32, 48, TINY_IMAGE_SIZE]
 
 
@@ -146,18 +158,18 @@ def test_progressive_resizing_grows_size_and_augmentation_to_the_final_ones(prep
 def test_threshold_is_the_highest_reaching_the_target_sensitivity():
     labels = [1] * 10 + [0] * 3
     probabilities = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.1, 0.2, 0.25, 0.05]
-    threshold, rule = model.choose_threshold(labels, probabilities, "auto", 0.9)
+    threshold, rule = metrics.choose_threshold(labels, probabilities, "auto", 0.9)
     assert threshold == 0.3  # catches 9 of 10 melanomas (0.9 exactly, despite 0.9 * 10 = 9.000...1)
     sensitivity, specificity = metrics.sensitivity_specificity(labels, probabilities, threshold)
     assert sensitivity == 0.9 and specificity == 1.0
     assert "sensitivity >= 0.9" in rule
-    assert model.choose_threshold(labels, probabilities, "auto", 1.0)[0] == 0.1
+    assert metrics.choose_threshold(labels, probabilities, "auto", 1.0)[0] == 0.1
 
 
 def test_fixed_and_fallback_thresholds():
-    threshold, rule = model.choose_threshold([1, 0], [0.9, 0.1], 0.5, 0.9)
+    threshold, rule = metrics.choose_threshold([1, 0], [0.9, 0.1], 0.5, 0.9)
     assert threshold == 0.5 and "fixed at 0.5" in rule
-    threshold, rule = model.choose_threshold([0, 0], [0.9, 0.1], "auto", 0.9)
+    threshold, rule = metrics.choose_threshold([0, 0], [0.9, 0.1], "auto", 0.9)
     assert threshold == 0.5 and "no melanoma" in rule
 
 
@@ -180,16 +192,43 @@ def test_preset_original_sets_its_recipe_and_explicit_flags_win():
 
 
 def test_resume_refuses_to_change_what_the_run_computes():
-    parser = model.get_args_parser()
-    saved = vars(model.parse_args(parser, ["--lr", "0.001", "--data", "old"]))
-    args = model.parse_args(parser, ["--resume", "--workers", "0"])
-    merged = model.settings_for_resume(args, parser, saved)
+    saved = vars(model.parse_args(model.get_args_parser(), ["--lr", "0.001", "--data", "old"]))
+    merged = model.settings_for_resume(model.typed_settings(["--resume", "--workers", "0"]), saved)
     assert (merged.lr, merged.data, merged.workers, merged.resume) == (0.001, "old", 0, True)
-    with pytest.raises(common.UserError, match="--lr"):
-        model.settings_for_resume(model.parse_args(parser, ["--resume", "--lr", "0.5"]), parser, saved)
+    with pytest.raises(errors.UserError, match="--lr"):
+        model.settings_for_resume(model.typed_settings(["--resume", "--lr", "0.5"]), saved)
+
+
+def test_a_flag_typed_with_its_default_value_counts_as_typed():
+    """--lr 3e-4 is the default: typed on a run saved at 1e-3 it is refused, not ignored."""
+    saved = vars(model.parse_args(model.get_args_parser(), ["--preset", "original"]))
+    assert model.typed_settings(["--resume", "--lr", "3e-4"]) == {"resume": True, "lr": 3e-4}
+    with pytest.raises(errors.UserError, match="--lr 0.001 \\(not 0.0003\\)"):
+        model.settings_for_resume(model.typed_settings(["--resume", "--lr", "3e-4"]), saved)
+    # --fit-scoring-only --threshold auto on a checkpoint trained at a fixed 0.5: auto wins.
+    argv = ["--fit-scoring-only", "--threshold", "auto"]
+    args = model.parse_args(model.get_args_parser(), argv)
+    meta = {"settings": {"threshold": 0.5, "target_sensitivity": 0.9}}
+    assert model.threshold_rule_of_training(args, model.typed_settings(argv), meta).threshold == "auto"
+    untyped = model.parse_args(model.get_args_parser(), ["--fit-scoring-only"])
+    assert model.threshold_rule_of_training(untyped, {}, meta).threshold == 0.5
 
 
 # --- real runs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_image_read_by_loader_workers_is_one_line_naming_it(prepared, tmp_path, split):
+    """Training reads train/ and val/ in DataLoader worker processes, whose errors arrive with
+    the worker's whole traceback as their message: the user sees the image's one line."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    broken = data / split / "nomel_ISIC_broken.jpg"
+    intact = sorted((prepared / split).iterdir())[0]
+    broken.write_bytes(intact.read_bytes()[:900])  # a truncated JPEG
+    result = run_script("model.py", *tiny_args(data, tmp_path / "out", "--epochs", 1, "--workers", 2))
+    assert_one_line_error(result)
+    assert result.stderr.startswith(f"error: {broken}: not a readable image"), result.stderr
 
 
 def test_training_run_writes_checkpoint_history_and_tests(prepared, tmp_path):
@@ -213,12 +252,12 @@ def test_training_run_writes_checkpoint_history_and_tests(prepared, tmp_path):
     assert saved["saved_weights"] in ("weights", "ema")
     assert set(saved["val_metrics"]) == {"auc", "loss", "accuracy", "sensitivity", "specificity"}
     assert saved["val_metrics"]["sensitivity"] >= 0.9  # the rule holds on the split it was chosen on
-    loaded, meta = common.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
+    loaded, meta = checkpoints.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
     assert meta["threshold"] == saved["threshold"]
 
     history = json.loads((tmp_path / model.HISTORY_FILE).read_text())
     assert (history["monitor"], history["device"]) == ("val_auc", "cpu")
-    assert history["amp"] == common.amp_name(common.choose_amp_dtype(torch.device("cpu")))
+    assert history["amp"] == devices.amp_name(devices.choose_amp_dtype(torch.device("cpu")))
     assert [epoch["epoch"] for epoch in history["epochs"]] == [1, 2]
     assert all(set(epoch) == EPOCH_KEYS for epoch in history["epochs"])
     assert history["best_epoch"] == saved["epoch"]
@@ -309,7 +348,7 @@ def test_the_fused_optimiser_resumes_the_state_of_the_unfused_one_and_steps_alik
     earlier = unfused(resumed)
     for gradient in gradients[:2]:
         step(resumed, earlier, gradient)
-    fused = model.make_optimizer(resumed, torch.device("cpu"), 1e-2, 0.05)
+    fused = training.make_optimizer(resumed, torch.device("cpu"), 1e-2, 0.05)
     assert fused.defaults["fused"]
     fused.load_state_dict(earlier.state_dict())
     step(resumed, fused, gradients[2])
@@ -322,11 +361,11 @@ def test_the_moving_average_follows_every_optimiser_step():
     torch.manual_seed(0)
     network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     args = SimpleNamespace(ema_decay=0.75)
-    trainer = model.Trainer(
+    trainer = training.Trainer(
         network,
         torch.optim.SGD(network.parameters(), lr=0.5),
         torch.device("cpu"),
-        ema=model.weight_average(args, network),
+        ema=training.weight_average(args, network),
     )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.randn(6, 3, 2, 2), torch.tensor([0, 1] * 3)), batch_size=2
@@ -344,14 +383,14 @@ def test_the_moving_average_follows_every_optimiser_step():
         expected = value if expected is None else 0.75 * expected + 0.25 * value
     assert len(weights) == 3
     torch.testing.assert_close(trainer.ema.module[1].weight, expected)
-    assert model.weight_average(SimpleNamespace(ema_decay=0.0), network) is None
+    assert training.weight_average(SimpleNamespace(ema_decay=0.0), network) is None
 
 
 def test_diagnosis_class_weights_keep_melanoma_against_the_rest_balanced():
     labels = [1] * 10 + [0] * 30
-    head = model.Head(diagnoses=["bcc", "mel", "nv"])
-    weights = model.class_weights(labels, "balanced", torch.device("cpu"), head)
-    two_class = model.class_weights(labels, "balanced", torch.device("cpu"), model.Head())
+    head = training_data.Head(diagnoses=["bcc", "mel", "nv"])
+    weights = training.class_weights(labels, "balanced", torch.device("cpu"), head)
+    two_class = training.class_weights(labels, "balanced", torch.device("cpu"), training_data.Head())
     assert weights.tolist() == [two_class[0].item(), two_class[1].item(), two_class[0].item()]
     assert two_class[1] * 10 == pytest.approx(two_class[0] * 30)  # melanoma weighs as much as the rest
 
@@ -405,7 +444,7 @@ def test_torchrun_two_cpu_processes_train_a_loadable_checkpoint(prepared, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Epoch [1/1]") == 1  # only rank 0 prints
     assert "2 process(es)" in result.stdout
-    loaded, meta = common.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
+    loaded, meta = checkpoints.load_checkpoint(tmp_path / model.BEST_CHECKPOINT)
     history = json.loads((tmp_path / model.HISTORY_FILE).read_text())
     assert meta["epoch"] == 1 and history["epochs"][0]["epoch"] == 1
 

@@ -24,7 +24,8 @@ from conftest import (
 from PIL import Image
 
 import app
-import common
+import image_input
+import lesion_labels
 import predict
 
 TRUNCATED_JPEG = SMALL_JPEG.read_bytes()[:5000]
@@ -61,7 +62,7 @@ def saved(image, path):
 def photos(tmp_path):
     """Real images as the app receives them, and in the forms it converts: a PNG, a picture that
     is not a lesion, one smaller than the model's input (scored with a warning)."""
-    lesion = common.load_image(SMALL_JPEG)
+    lesion = image_input.load_image(SMALL_JPEG)
     return [
         SMALL_JPEG,
         HAM_JPEG,
@@ -159,7 +160,7 @@ def test_folders_are_walked_in_order_for_image_files_only(random_checkpoint, tmp
     (folder / ".thumbnails").mkdir()
     shutil.copy(SMALL_JPEG, folder / "b.jpg")
     shutil.copy(SMALL_JPEG, folder / "A.JPEG")
-    saved(common.load_image(SMALL_JPEG), folder / "day2" / "c.png")
+    saved(image_input.load_image(SMALL_JPEG), folder / "day2" / "c.png")
     shutil.copy(SMALL_JPEG, folder / "._b.jpg")  # macOS's resource fork beside a copied file
     shutil.copy(SMALL_JPEG, folder / ".thumbnails" / "b.jpg")
     (folder / "notes.txt").write_text("seen on day 1\n")
@@ -173,7 +174,7 @@ def test_folders_are_walked_in_order_for_image_files_only(random_checkpoint, tmp
     assert [row["file"] for row in rows] == [str(folder / name) for name in ("A.JPEG", "b.jpg", "day2/c.png")]
     assert tuple(rows[0]) == predict.COLUMNS
     first = rows[0]
-    assert first["label"] in common.CLASS_NAMES and first["threshold"] == "0.5"
+    assert first["label"] in lesion_labels.CLASS_NAMES and first["threshold"] == "0.5"
     # A checkpoint without an out-of-distribution score cannot say: empty, with the reason.
     assert first["reliable"] == first["ood_score"] == first["ood_threshold"] == ""
     assert "flagging is not available" in first["reasons"]
@@ -290,4 +291,5 @@ def test_predict_needs_neither_the_training_code_nor_the_app():
     tree = ast.parse((ROOT / "predict.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported.isdisjoint({"model", "app", "analysis", "prepdata", "app_harness"})
+    training = {"model", "training", "training_data", "scoring_fit"}
+    assert imported.isdisjoint({*training, "app", "analysis", "prepdata", "app_harness"})

@@ -20,7 +20,8 @@ from conftest import (
 )
 from PIL import Image
 
-import common
+import lesion_labels
+import prepared
 import prepdata
 
 HAM_300 = SHARED_DATA / "ham10000_300"
@@ -106,15 +107,15 @@ def ham_tree(tmp_path_factory):
 def test_tree_matches_its_manifest(sample_tree):
     out, _, _ = sample_tree
     with open(out / "manifest.csv", newline="") as file:
-        assert file.readline().strip() == ",".join(common.MANIFEST_COLUMNS)
+        assert file.readline().strip() == ",".join(prepared.MANIFEST_COLUMNS)
     rows = read_manifest(out)
     on_disk = {f"{path.parent.name}/{path.name}" for path in out.glob("*/*")}
     assert on_disk == {f"{row['split']}/{row['file']}" for row in rows}
     assert sorted(path.name for path in out.iterdir()) == ["manifest.csv", "test", "train", "val"]
     labels = sample_labels()
     for row in rows:
-        assert common.label_from_filename(row["file"]) == int(row["label"]) == labels[row["source_image"]]
-        assert common.is_augmented_filename(row["file"]) == (row["augmented"] == "yes")
+        assert prepared.label_from_filename(row["file"]) == int(row["label"]) == labels[row["source_image"]]
+        assert prepared.is_augmented_filename(row["file"]) == (row["augmented"] == "yes")
         assert row["lesion_id"].startswith("HAM_")
     assert {row["source_image"] for row in originals(rows)} == set(labels)
 
@@ -136,7 +137,7 @@ def test_source_folder_is_byte_identical_after_a_run(sample_tree):
 def test_summary_table_counts_each_split(sample_tree):
     out, printed, _ = sample_tree
     rows = read_manifest(out)
-    for split in common.SPLITS:
+    for split in prepared.SPLITS:
         in_split = [row for row in rows if row["split"] == split]
         melanoma = sum(row["label"] == "1" for row in in_split)
         lesions = len({row["lesion_id"] for row in originals(in_split)})
@@ -151,7 +152,7 @@ def test_summary_table_counts_each_split(sample_tree):
 def test_split_sizes_and_stratification(ham_tree):
     rows = originals(read_manifest(ham_tree[0]))
     melanoma_share = np.mean([row["label"] == "1" for row in rows])
-    for split, fraction in zip(common.SPLITS, (0.7, 0.2, 0.1), strict=True):
+    for split, fraction in zip(prepared.SPLITS, (0.7, 0.2, 0.1), strict=True):
         in_split = originals(rows, split)
         assert len(in_split) == pytest.approx(fraction * len(rows), abs=0.03 * len(rows))
         assert np.mean([row["label"] == "1" for row in in_split]) == pytest.approx(melanoma_share, abs=0.05)
@@ -369,8 +370,8 @@ def test_a_manifest_without_diagnoses_reads_as_unknown(tmp_path):
     (tmp_path / "manifest.csv").write_text(
         "split,file,label,source_image,lesion_id,augmented\ntrain,nomel_a.jpg,0,a,,no\n"
     )
-    (row,) = common.read_manifest(tmp_path / "manifest.csv")
-    assert row.diagnosis == common.UNKNOWN_DIAGNOSIS
+    (row,) = prepared.read_manifest(tmp_path / "manifest.csv")
+    assert row.diagnosis == lesion_labels.UNKNOWN_DIAGNOSIS
 
 
 def test_missing_corrupt_and_truncated_images_are_skipped_and_reported(tmp_path, writable_copy):

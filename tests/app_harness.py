@@ -22,10 +22,14 @@ import torch
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
-import common
+import backbones
+import checkpoints
 import engine
+import image_input
+import scoring
+import torch_reference
 
-APP = Path(__file__).resolve().parent / "app.py"
+APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 @contextmanager
@@ -127,17 +131,19 @@ def precision_gap(checkpoint, paths, served=None):
     checkpoint (engine.load_network: its .onnx beside it, else batch norms folded)."""
     device = torch.device("cpu")
     served = engine.load_network(served or checkpoint, "cpu")
-    plain_model, meta = common.load_checkpoint(checkpoint, device)
-    transform = common.checkpoint_transform(meta)
+    plain_model, meta = checkpoints.load_checkpoint(checkpoint, device)
+    transform = torch_reference.checkpoint_transform(meta)
     gaps = []
     for start in range(0, len(paths), 64):  # batches of 64 keep 384-px memory modest
-        images = [common.load_image(path, min_size=meta["image_size"]) for path in paths[start : start + 64]]
+        images = [
+            image_input.load_image(path, min_size=meta["image_size"]) for path in paths[start : start + 64]
+        ]
         batch = torch.stack([transform(image) for image in images])
-        melanoma = common.melanoma_output(meta)
-        plain = common.melanoma_probability(
-            common.network_outputs(plain_model, batch, device)[0], melanoma=melanoma
+        melanoma_index = scoring.melanoma_output(meta)
+        plain = scoring.melanoma_probability(
+            backbones.network_outputs(plain_model, batch, device)[0], melanoma_index=melanoma_index
         )
         served_logits = served.outputs(served.batch(images))[0]
-        served_probability = common.melanoma_probability(served_logits, melanoma=melanoma)
+        served_probability = scoring.melanoma_probability(served_logits, melanoma_index=melanoma_index)
         gaps.append(np.abs(served_probability - plain).max())
     return float(max(gaps))
