@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from sklearn.metrics import classification_report
-from torch.nn.parallel import DistributedDataParallel
 
 import backbones
 import checkpoints
@@ -270,18 +269,6 @@ def settings_for_resume(typed, saved):
     return argparse.Namespace(**merged)
 
 
-def check_data_folder(data):
-    data = Path(data)
-    if not data.is_dir():
-        raise errors.UserError(f"{data}: no such folder (run prepdata.py first, or pass --data)")
-    for split in ("train", "val"):
-        training_data.SkinLesionDataset(data / split, transform=None)  # a missing or empty split fails here
-
-
-def has_test_split(data):
-    return (Path(data) / "test").is_dir()
-
-
 def validation_metrics(scores, threshold):
     """The checkpoint's val_metrics: decisions at the stored threshold, ranking, loss."""
     _, at_threshold = metrics.metrics_at_threshold(scores.labels, scores.probabilities, threshold)
@@ -293,20 +280,6 @@ def validation_metrics(scores, threshold):
 
 
 # --- training ----------------------------------------------------------------------------------
-
-
-def build_model(args, runtime, resume_state, head):
-    """The model on its device; under DDP only rank 0 loads pretrained weights (DDP copies them)."""
-    torch.manual_seed(args.seed)  # the new head starts the same in every run with this seed
-    weights = args.weights if runtime.is_main and resume_state is None else "none"
-    model = backbones.SkinLesionModel(weights=weights, num_classes=head.size)
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model_state"])
-    model = model.to(runtime.device, memory_format=torch.channels_last)
-    if runtime.world_size > 1:
-        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
-    return model
 
 
 def resolve_monitor(args, val_labels, runtime):
@@ -512,7 +485,7 @@ def train_model(args, runtime, resume_state=None):
     }
     val_labels = [label for _, label in prepared.list_prepared_images(Path(args.data) / "val")]
     monitor = resolve_monitor(args, val_labels, runtime)
-    model = build_model(args, runtime, resume_state, head)
+    model = training.build_model(args, runtime, resume_state, head)
     trainer = training.build_trainer(args, runtime, model, loaders["train"], head)
     plateau = training.plateau_scheduler(args, trainer, monitor)
     if resume_state is None:
@@ -608,7 +581,8 @@ def with_interval(value, interval):
 def evaluate_best_on_test(args, device, best_path):
     """Score test/ with the best checkpoint through the serving engine (engine.load_network), as
     analysis.py and the app do."""
-    samples = prepared.list_prepared_images(Path(args.data) / "test") if has_test_split(args.data) else []
+    test_folder = Path(args.data) / "test"
+    samples = prepared.list_prepared_images(test_folder) if test_folder.is_dir() else []
     if not samples:
         print(f"Note: {args.data}/test has no images, so there is no test evaluation.")
         return None
@@ -654,7 +628,7 @@ def main(argv=None):
     if args.resume:
         resume_state = load_last_checkpoint(Path(args.out) / LAST_CHECKPOINT)
         args = settings_for_resume(typed, resume_state["args"])
-    check_data_folder(args.data)
+    training_data.check_data_folder(args.data)
     if args.progressive_from > args.image_size:
         raise errors.UserError(
             f"--progressive-from {args.progressive_from} is larger than --image-size {args.image_size}: "

@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import metrics
-from backbones import network_outputs
+from backbones import SkinLesionModel, network_outputs
 from devices import autocast
 from lesion_labels import CLASS_NAMES, MELANOMA, NON_MELANOMA
 from scoring import melanoma_probability
@@ -181,6 +181,20 @@ def warmup_cosine(warmup_steps, total_steps):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def build_model(args, runtime, resume_state, head):
+    """The model on its device; under DDP only rank 0 loads pretrained weights (DDP copies them)."""
+    torch.manual_seed(args.seed)  # the new head starts the same in every run with this seed
+    weights = args.weights if runtime.is_main and resume_state is None else "none"
+    model = SkinLesionModel(weights=weights, num_classes=head.size)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model_state"])
+    model = model.to(runtime.device, memory_format=torch.channels_last)
+    if runtime.world_size > 1:
+        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    return model
 
 
 def make_optimizer(parameters, device, lr, weight_decay):

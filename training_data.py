@@ -275,3 +275,12 @@ def eval_loader(folder, args, runtime):
     if runtime.world_size > 1:
         images = Subset(images, range(runtime.rank, len(images), runtime.world_size))
     return make_loader(images, args, runtime)
+
+
+def check_data_folder(data):
+    """A prepared tree with images in train/ and val/ (test/ may be empty), or a one-line error."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"{data}: no such folder (run prepdata.py first, or pass --data)")
+    for split in ("train", "val"):
+        SkinLesionDataset(data / split, transform=None)  # a missing or empty split fails here
