@@ -155,3 +155,24 @@ def rows_for_files(manifest_rows, split, files):
     file the manifest does not list."""
     by_file = {row["file"]: row for row in manifest_rows if row["split"] == split}
     return [by_file.get(name) for name in files]
+
+
+CSV_COLUMNS = (
+    "dimension", "group", "n_images", "n_melanoma", "n_non_melanoma", "true_positive", "false_negative",
+    "false_positive", "true_negative", "sensitivity", "sensitivity_low", "sensitivity_high", "specificity",
+    "specificity_low", "specificity_high", "roc_auc", "roc_auc_low", "roc_auc_high", "n_cannot_judge",
+    "why_empty",
+)  # fmt: skip
+
+
+def csv_table(table):
+    """(CSV_COLUMNS, one row per group) of metrics.subgroup_table's result; '' where empty."""
+    rows = []
+    for dimension, groups in table.items():
+        for group, row in groups.items():
+            values = {**row, "dimension": dimension, "group": group}
+            for rate in ("sensitivity", "specificity", "roc_auc"):
+                values[f"{rate}_low"], values[f"{rate}_high"] = row[f"{rate}_interval"] or ("", "")
+            values["why_empty"] = "; ".join(f"{name}: {why}" for name, why in row["why_empty"].items())
+            rows.append(["" if values[name] is None else values[name] for name in CSV_COLUMNS])
+    return CSV_COLUMNS, rows
