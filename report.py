@@ -283,14 +283,13 @@ def plot_subgroups(subgroup_results, result):
             low, high = row[f"{rate}_interval"]
             error = [[row[rate] - low], [high - row[rate]]]
             axes.errorbar(row[rate], position, xerr=error, fmt="o", color=colour, capsize=3, markersize=4)
+        title = f"{rate.capitalize()} (95% Wilson interval)"
         if result[rate] is not None:
-            axes.axvline(
-                result[rate], linestyle="--", color="black", label=f"whole folder {result[rate]:.1%}"
-            )
-            axes.legend(loc="lower left", fontsize=8)
+            axes.axvline(result[rate], linestyle="--", color="black")
+            title += f"\ndashed: whole folder, {result[rate]:.1%}"
         for boundary in np.cumsum([len(groups) for groups in subgroup_results["groups"].values()])[:-1]:
             axes.axhline(len(rows) - boundary - 0.5, color="lightgrey", linewidth=0.8)
-        axes.set(title=f"{rate.capitalize()} (95% Wilson interval)", xlabel=rate, xlim=(0, 1.02))
+        axes.set(title=title, xlabel=rate, xlim=(-0.02, 1.02))
     labels = [
         f"{subgroups.group_label(dimension, group)} (n={row['n_images']}, {row['n_melanoma']} mel)"
         for dimension, group, row in rows
@@ -550,7 +549,12 @@ def worse_sentence(item):
 def interval_cell(row, rate):
     """'81.8% (61.5% to 92.7%)', or why the cell is empty."""
     if row[rate] is None:
-        return f"- ({row['why_empty'][rate]})"
+        why = row["why_empty"][rate]
+        return (
+            f"- (under {metrics.MIN_PER_CLASS_FOR_AUC} per class)"
+            if rate == "roc_auc" and why.startswith("needs")
+            else f"- ({why})"
+        )
     low, high = row[f"{rate}_interval"] or (None, None)
     if low is None:
         return rate_text(rate, row[rate])
@@ -568,10 +572,10 @@ def subgroup_lines(subgroup_results, result):
         return [f"{title}: {subgroup_results['note']}."]
     lines = [
         f"{title} (at threshold {result['threshold']:.4f}; facts from {subgroup_results['source']}):",
-        "  Sensitivity and specificity with 95% Wilson intervals; ROC AUC with a 95% stratified bootstrap",
-        f"  interval ({result['bootstrap_resamples']} resamples) where a group has at least "
-        f"{subgroup_results['min_per_class_for_auc']} images of each class. Groups with few melanomas",
-        "  give wide intervals and prove nothing either way.",
+        "  Sensitivity and specificity with 95% Wilson intervals; ROC AUC with a 95% stratified",
+        f"  bootstrap interval ({result['bootstrap_resamples']} resamples) where a group has at least "
+        f"{subgroup_results['min_per_class_for_auc']} images",
+        "  of each class. Groups with few melanomas give wide intervals and prove nothing either way.",
     ]
     for dimension, groups in subgroup_results["groups"].items():
         if dimension == "diagnosis":
