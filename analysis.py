@@ -27,6 +27,7 @@ import metrics
 import prepared
 import report
 import scoring
+import subgroups
 
 DPI = 110
 METRICS_FILE = "metrics.json"
@@ -40,6 +41,8 @@ OUTPUT_FILES = (
     "learning_curves.png",
     "misclassified.png",
     "misclassified.csv",
+    "subgroups.png",
+    "subgroups.csv",
     "predictions.csv",
     "summary_report.txt",
     METRICS_FILE,
@@ -163,6 +166,45 @@ def distribution_table(rows):
     }
 
 
+def subgroup_members(data_folder, samples):
+    """(subgroups.group_members of the scored images, the manifest they come from), or (None,
+    why there are none): from the prepared tree's manifest.csv, which lists each image's
+    diagnosis, sex, age and body site by split and file name. Read before scoring: a bad age in
+    it is a user error."""
+    data_folder = Path(data_folder)
+    manifest = data_folder.parent / prepared.MANIFEST_FILE
+    if not manifest.is_file():
+        return None, f"no {prepared.MANIFEST_FILE} beside {data_folder}"
+    listed = [row._asdict() for row in prepared.read_manifest(manifest)]
+    rows = subgroups.rows_for_files(listed, data_folder.name, [path.name for path, _ in samples])
+    try:
+        members = subgroups.group_members(rows)
+    except ValueError as error:
+        raise errors.UserError(f"{manifest}: {error}") from None
+    if not members:
+        return None, f"{manifest} records no diagnosis, sex, age or body site of these images"
+    return members, str(manifest)
+
+
+def subgroup_summary(found, labels, probabilities, flagged, result, args):
+    """metrics.json's `subgroups`: each group's metrics at the threshold (images the model cannot
+    judge counted when `flagged` is not None), and the groups whose interval lies wholly below the
+    whole folder's value; `found` is what subgroup_members returned."""
+    members, source = found
+    if members is None:
+        return {"source": None, "note": f"no subgroup facts were found ({source})", "groups": {}, "below": []}
+    table = metrics.subgroup_table(
+        labels, probabilities, result["threshold"], members, flagged, args.bootstrap, args.seed
+    )
+    overall = {rate: result[rate] for rate in metrics.SUBGROUP_RATES}
+    return {
+        "source": source,
+        "min_per_class_for_auc": metrics.MIN_PER_CLASS_FOR_AUC,
+        "groups": table,
+        "below": metrics.groups_below_overall(table, overall),
+    }
+
+
 # --- scoring ---------------------------------------------------------------------------------
 
 
@@ -187,7 +229,7 @@ def trust_summary(labels, uncalibrated, answers, rules, paths, resamples, seed):
     """What the checkpoint's scoring rules say about the folder: calibration before and after,
     which images it flags as not judgeable, the metrics on the others, the quality warnings."""
     probabilities = np.array([answer["probability"] for answer in answers])
-    flagged = np.array([answer["reliable"] is False for answer in answers], dtype=bool)
+    flagged = flagged_mask(answers)
     unflagged = None
     if flagged.any() and not flagged.all():
         kept = ~flagged
@@ -212,6 +254,11 @@ def trust_summary(labels, uncalibrated, answers, rules, paths, resamples, seed):
             Counter(warning for answer in answers for warning in answer["warnings"]).most_common()
         ),
     }
+
+
+def flagged_mask(answers):
+    """Whether the model cannot judge each image (all False when the checkpoint cannot flag)."""
+    return np.array([answer["reliable"] is False for answer in answers], dtype=bool)
 
 
 # --- writing the results ---------------------------------------------------------------------
@@ -315,6 +362,8 @@ def write_results(out, paths, labels, uncalibrated, answers, result, context, pe
             PREDICTION_COLUMNS,
             prediction_rows(paths, labels, uncalibrated, answers, result["threshold"]),
         )
+        if result["subgroups"]["groups"]:
+            write_csv(folder / "subgroups.csv", *subgroups.csv_table(result["subgroups"]["groups"]))
         write_csv(
             folder / "misclassified.csv",
             ("file", "label", "probability", "error"),
@@ -361,6 +410,7 @@ def main(argv=None):
     samples = prepared_images(args.data)
     history = read_history(args.history)
     distribution, distribution_source = class_distribution(args.data)
+    subgroups_found = subgroup_members(args.data, samples)
     network = engine.load_network(args.model, args.device)
     meta = network.meta
 
@@ -377,6 +427,8 @@ def main(argv=None):
     result = metrics.evaluate(labels, probabilities, rules.threshold, args.bootstrap, args.seed)
     paths = [path for path, _ in samples]
     result |= trust_summary(labels, uncalibrated, answers, rules, paths, args.bootstrap, args.seed)
+    flagged = flagged_mask(answers) if rules.can_flag else None
+    result["subgroups"] = subgroup_summary(subgroups_found, labels, probabilities, flagged, result, args)
     context = {
         "model": model_facts(args.model, meta),
         "data": str(args.data),

@@ -292,3 +292,101 @@ def evaluate(labels, probabilities, threshold, resamples=1000, seed=0):
         "bootstrap_seed": seed,
         "confusion_matrix": counts,
     }
+
+
+# --- subgroups --------------------------------------------------------------------------------
+
+MIN_PER_CLASS_FOR_AUC = 10  # below this, a group's AUC and its interval say little
+
+
+def bootstrap_aucs(labels, probabilities, resamples, seed):
+    """The ROC AUC of each of `stratified_resamples(labels, resamples, seed)`, from one matrix of
+    (melanoma, benign) pairs: 1 where the melanoma scores higher, 0.5 on a tie. A resample's AUC
+    is that matrix's mean weighted by how often it drew each image: roc_auc_score's value on the
+    resample, about a hundred times faster (one matrix product instead of a sort)."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=float)
+    melanoma, benign = labels == MELANOMA, labels == NON_MELANOMA
+    gaps = probabilities[melanoma][:, None] - probabilities[benign][None, :]
+    pairs = (gaps > 0) + 0.5 * (gaps == 0)
+    for index in stratified_resamples(labels, resamples, seed):
+        drawn = np.bincount(index, minlength=len(labels))
+        yield float(drawn[melanoma] @ pairs @ drawn[benign]) / (melanoma.sum() * benign.sum())
+
+
+def subgroup_metrics(labels, probabilities, threshold, flagged=None, resamples=1000, seed=0):
+    """One group of images at `threshold`: its size and confusion counts, sensitivity and
+    specificity with Wilson intervals, and ROC AUC with a stratified bootstrap interval when both
+    classes have MIN_PER_CLASS_FOR_AUC images; `flagged` (bool per image, None when the
+    checkpoint cannot flag) counts those the model cannot judge. `why_empty` says, for each
+    empty value, why it is empty."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=float)
+    counts, decisions = metrics_at_threshold(labels, probabilities, threshold)
+    n_melanoma = int(np.sum(labels == MELANOMA))
+    n_benign = len(labels) - n_melanoma
+    intervals = rate_intervals(counts)
+    row = {
+        "n_images": len(labels),
+        "n_melanoma": n_melanoma,
+        "n_non_melanoma": n_benign,
+        **counts,
+        "sensitivity": decisions["sensitivity"],
+        "sensitivity_interval": intervals["sensitivity"],
+        "specificity": decisions["specificity"],
+        "specificity_interval": intervals["specificity"],
+        "roc_auc": None,
+        "roc_auc_interval": None,
+        "n_cannot_judge": None if flagged is None else int(np.sum(flagged)),
+        "why_empty": {},
+    }
+    if not n_melanoma:
+        row["why_empty"]["sensitivity"] = "no melanomas"
+    if not n_benign:
+        row["why_empty"]["specificity"] = "no benign lesions"
+    if min(n_melanoma, n_benign) < MIN_PER_CLASS_FOR_AUC:
+        row["why_empty"]["roc_auc"] = (
+            f"needs {MIN_PER_CLASS_FOR_AUC} of each class ({n_melanoma} melanomas, {n_benign} benign)"
+        )
+    else:
+        row["roc_auc"] = roc_auc(labels, probabilities)
+        row["roc_auc_interval"] = percentile_interval(bootstrap_aucs(labels, probabilities, resamples, seed))
+    return row
+
+
+def subgroup_table(labels, probabilities, threshold, members, flagged=None, resamples=1000, seed=0):
+    """{dimension: {group: subgroup_metrics of its images}} for `members`, {dimension: {group:
+    image indices}} (see subgroups.group_members)."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=float)
+    flagged = None if flagged is None else np.asarray(flagged, dtype=bool)
+    return {
+        dimension: {
+            group: subgroup_metrics(
+                labels[index],
+                probabilities[index],
+                threshold,
+                None if flagged is None else flagged[index],
+                resamples,
+                seed,
+            )
+            for group, index in groups.items()
+        }
+        for dimension, groups in members.items()
+    }
+
+
+SUBGROUP_RATES = ("sensitivity", "specificity", "roc_auc")
+
+
+def groups_below_overall(table, overall):
+    """The groups whose 95% interval of a rate lies wholly below the whole folder's `overall`
+    value of that rate ({rate: value}): [{dimension, group, metric, value, interval, overall}]."""
+    below = []
+    for dimension, groups in table.items():
+        for group, row in groups.items():
+            for rate in SUBGROUP_RATES:
+                interval, whole = row[f"{rate}_interval"], overall.get(rate)
+                if interval and whole is not None and interval[1] < whole:
+                    below.append(
+                        {"dimension": dimension, "group": group, "metric": rate, "value": row[rate],
+                         "interval": interval, "overall": whole}
+                    )  # fmt: skip
+    return below

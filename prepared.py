@@ -56,7 +56,8 @@ def list_prepared_images(folder):
 
 
 class ManifestRow(NamedTuple):
-    """One written image: where it is, its label, the image it came from, and that image's lesion."""
+    """One written image: where it is, its label, the image it came from, that image's lesion, and
+    what the metadata says about it (age in years, sex, body site; '' when not recorded)."""
 
     split: str
     file: str
@@ -65,6 +66,9 @@ class ManifestRow(NamedTuple):
     lesion_id: str | None
     augmented: bool
     diagnosis: str = UNKNOWN_DIAGNOSIS  # lower-case code (HAM10000's dx), for model.py --targets diagnosis
+    age: str = ""
+    sex: str = ""
+    localization: str = ""
 
 
 MANIFEST_COLUMNS = ManifestRow._fields
@@ -97,7 +101,8 @@ def read_manifest(path):
 
 
 def parsed_manifest_row(row):
-    """One row; a manifest written before diagnoses were recorded has none ('unknown')."""
+    """One row; a manifest written before diagnoses were recorded has none ('unknown'), one
+    written before age, sex and body site were recorded has them as ''."""
     return ManifestRow(
         split=row["split"],
         file=row["file"],
@@ -106,4 +111,7 @@ def parsed_manifest_row(row):
         lesion_id=row["lesion_id"],
         augmented={"yes": True, "no": False}[row["augmented"]],
         diagnosis=(row.get("diagnosis") or UNKNOWN_DIAGNOSIS).strip().lower(),
+        age=(row.get("age") or "").strip(),
+        sex=(row.get("sex") or "").strip().lower(),
+        localization=(row.get("localization") or "").strip().lower(),
     )

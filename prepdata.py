@@ -20,7 +20,7 @@ import signal
 import sys
 from collections import Counter, defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import errors
 import image_input
 import lesion_labels
 import prepared
+import subgroups
 
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
 # 4:3 dermoscopy images stored at 512x384 keep a 384-pixel short side: training at 384 pixels
@@ -56,6 +57,9 @@ class Record:
     lesion_id: str | None = None
     source: Path | None = None
     diagnosis: str = lesion_labels.UNKNOWN_DIAGNOSIS
+    age: str = ""  # age, sex and body site as the metadata records them ('' when it does not)
+    sex: str = ""
+    localization: str = ""
 
 
 class SplitFractions(argparse.Action):
@@ -219,6 +223,7 @@ def read_records(args):
     labels = unique_labels(labelled_rows(args.csv, columns, rows))
     lesions = lesion_ids(args, columns, rows)
     diagnoses = diagnoses_of(args, columns, rows)
+    facts = recorded_facts(args, columns, rows)
     files = find_image_files(args.images)
     missing = sorted(image_id for image_id in labels if image_id not in files)
     report_ids(
@@ -231,6 +236,7 @@ def read_records(args):
             lesions.get(image_id),
             files[image_id],
             lesion_labels.diagnosis_for(label, diagnoses.get(image_id)),
+            **facts.get(image_id, {}),
         )
         for image_id, label in sorted(labels.items())
         if image_id in files
@@ -370,6 +376,27 @@ def diagnoses_of(args, columns, rows):
     return {image_id(row): row.get("dx", "").lower() for _, row in rows} if "dx" in columns else {}
 
 
+def recorded_facts(args, columns, rows):
+    """{image id: {age, sex, localization}} from the label CSV when it records them (HAM10000's
+    metadata as --csv), else from the metadata file; {} when neither does."""
+    path = args.csv
+    if not subgroups.has_facts(columns):
+        path = args.metadata or metadata_beside(args.csv)
+        if path is None or path == args.csv:
+            return {}
+        columns, rows = read_csv_rows(path)
+        if not subgroups.has_facts(columns):
+            return {}
+    facts = {}
+    for line, row in rows:
+        try:
+            facts[image_id(row)] = subgroups.recorded_facts(row)
+        except ValueError as error:
+            raise errors.UserError(f"{path} line {line}: {error}") from None
+    print(f"Age, sex and body site from {path}.")
+    return facts
+
+
 def image_id(row):
     return strip_image_suffix(row.get("image_id") or row.get("image", ""))
 
@@ -416,13 +443,7 @@ def stage_images(records, staging, args):
     if len(unreadable) == len(records):
         raise errors.UserError(f"none of the {len(records)} images could be read (see the list above)")
     return [
-        Record(
-            record.image_id,
-            record.label,
-            record.lesion_id,
-            staging / f"{record.image_id}.jpg",
-            record.diagnosis,
-        )
+        replace(record, source=staging / f"{record.image_id}.jpg")
         for record in records
         if not read_errors[record.source]
     ]
@@ -520,7 +541,16 @@ def place_originals(splits, tree):
 
 def manifest_row(split, file, record, augmented):
     return prepared.ManifestRow(
-        split, file, record.label, record.image_id, record.lesion_id, augmented, record.diagnosis
+        split,
+        file,
+        record.label,
+        record.image_id,
+        record.lesion_id,
+        augmented,
+        record.diagnosis,
+        record.age,
+        record.sex,
+        record.localization,
     )
 
 

@@ -15,6 +15,7 @@ from sklearn import metrics as skmetrics
 import image_input
 import lesion_labels
 import metrics
+import subgroups
 
 GALLERY_COLUMNS = 4
 THUMBNAIL_SIZE = 224
@@ -262,6 +263,44 @@ def shorten(name, limit=30):
     return name if len(name) <= limit else f"{name[: limit // 2 - 1]}...{name[-(limit // 2 - 2) :]}"
 
 
+def plot_subgroups(subgroup_results, result):
+    """Sensitivity and specificity of every group with their 95% Wilson intervals, one row per
+    group, the whole folder's value as a dashed line; an empty rate says why it is empty."""
+    rows = [
+        (dimension, group, row)
+        for dimension, groups in subgroup_results["groups"].items()
+        for group, row in groups.items()
+    ]
+    figure = new_figure(11, 1.4 + 0.32 * len(rows))
+    panels = figure.subplots(1, 2, sharey=True)
+    y = np.arange(len(rows))[::-1]
+    for axes, rate, colour in zip(
+        panels, ("sensitivity", "specificity"), ("tab:red", "tab:blue"), strict=True
+    ):
+        for position, (_, _, row) in zip(y, rows, strict=True):
+            if row[rate] is None:
+                axes.text(0.02, position, row["why_empty"][rate], va="center", fontsize=8, color="grey")
+                continue
+            low, high = row[f"{rate}_interval"]
+            error = [[row[rate] - low], [high - row[rate]]]
+            axes.errorbar(row[rate], position, xerr=error, fmt="o", color=colour, capsize=3, markersize=4)
+        title = f"{rate.capitalize()} (95% Wilson interval)"
+        if result[rate] is not None:
+            axes.axvline(result[rate], linestyle="--", color="black")
+            title += f"\ndashed: whole folder, {result[rate]:.1%}"
+        for boundary in np.cumsum([len(groups) for groups in subgroup_results["groups"].values()])[:-1]:
+            axes.axhline(len(rows) - boundary - 0.5, color="lightgrey", linewidth=0.8)
+        axes.set(title=title, xlabel=rate, xlim=(-0.02, 1.02))
+    labels = [
+        f"{subgroups.group_label(dimension, group)} (n={row['n_images']}, {row['n_melanoma']} mel)"
+        for dimension, group, row in rows
+    ]
+    panels[0].set_yticks(y, labels, fontsize=8)
+    panels[0].set_ylim(-0.7, len(rows) - 0.3)
+    figure.suptitle(f"Results by subgroup at threshold {result['threshold']:.4f}")
+    return figure
+
+
 def calibration_series(result, uncalibrated, probabilities):
     """The reliability diagram's curves: before calibration (when there is one) and as shown."""
     calibration = result["calibration"]
@@ -293,6 +332,8 @@ def draw_figures(labels, probabilities, uncalibrated, result, context, errors, p
     }
     if context["history"] is not None:
         figures["learning_curves.png"] = plot_learning_curves(context["history"])
+    if result["subgroups"]["groups"]:
+        figures["subgroups.png"] = plot_subgroups(result["subgroups"], result)
     return figures
 
 
@@ -350,6 +391,7 @@ def screening_paragraph(result):
             f"With {n_melanoma} melanomas, the true sensitivity could plausibly be anywhere from "
             f"{percent(interval[0])} to {percent(interval[1])} (95% Wilson interval)."
         )
+    sentences += subgroup_sentences(result.get("subgroups"))
     sentences.append(
         f"These are measurements on {result['n_images']} images, not a clinical validation; "
         f"this tool is not a medical device."
@@ -473,6 +515,105 @@ def trust_lines(result):
     return lines
 
 
+def rate_text(rate, value):
+    return f"{value:.3f}" if rate == "roc_auc" else percent(value)
+
+
+RATE_NAMES = {"sensitivity": "sensitivity", "specificity": "specificity", "roc_auc": "ROC AUC"}
+
+
+def subgroup_sentences(subgroup_results):
+    """The groups whose 95% interval lies wholly below the whole folder's value, by name."""
+    if not subgroup_results or not subgroup_results["groups"]:
+        return []
+    if not subgroup_results["below"]:
+        return [
+            "No group (by diagnosis, sex, age or body site) has an interval wholly below the whole "
+            "folder's figure; groups with few melanomas give wide intervals and prove nothing either way."
+        ]
+    worse = [worse_sentence(item) for item in subgroup_results["below"]]
+    return [
+        "The model does worse for these groups (95% interval wholly below the whole folder's "
+        f"figure): {'; '.join(worse)}."
+    ]
+
+
+def worse_sentence(item):
+    rate, (low, high) = item["metric"], item["interval"]
+    return (
+        f"{subgroups.group_label(item['dimension'], item['group'])}: {RATE_NAMES[rate]} "
+        f"{rate_text(rate, item['value'])} (95% interval {rate_text(rate, low)} to {rate_text(rate, high)}, "
+        f"against {rate_text(rate, item['overall'])} for the whole folder)"
+    )
+
+
+def interval_cell(row, rate):
+    """'81.8% (61.5% to 92.7%)', or why the cell is empty."""
+    if row[rate] is None:
+        why = row["why_empty"][rate]
+        return (
+            f"- (under {metrics.MIN_PER_CLASS_FOR_AUC} per class)"
+            if rate == "roc_auc" and why.startswith("needs")
+            else f"- ({why})"
+        )
+    low, high = row[f"{rate}_interval"] or (None, None)
+    if low is None:
+        return rate_text(rate, row[rate])
+    return f"{rate_text(rate, row[rate])} ({rate_text(rate, low)} to {rate_text(rate, high)})"
+
+
+def cannot_judge_cell(row):
+    return "n/a" if row["n_cannot_judge"] is None else str(row["n_cannot_judge"])
+
+
+def subgroup_lines(subgroup_results, result):
+    """The report's section: one table per dimension (diagnosis: the share flagged as melanoma)."""
+    title = "Results by subgroup"
+    if not subgroup_results["groups"]:
+        return [f"{title}: {subgroup_results['note']}."]
+    lines = [
+        f"{title} (at threshold {result['threshold']:.4f}; facts from {subgroup_results['source']}):",
+        "  Sensitivity and specificity with 95% Wilson intervals; ROC AUC with a 95% stratified",
+        f"  bootstrap interval ({result['bootstrap_resamples']} resamples) where a group has at least "
+        f"{subgroup_results['min_per_class_for_auc']} images",
+        "  of each class. Groups with few melanomas give wide intervals and prove nothing either way.",
+    ]
+    for dimension, groups in subgroup_results["groups"].items():
+        if dimension == "diagnosis":
+            lines += diagnosis_lines(groups)
+            continue
+        lines += [
+            f"  By {subgroups.DIMENSION_NAMES[dimension]}:",
+            f"    {'group':<20}{'n':>6}{'melanomas':>11}  {'sensitivity (95% CI)':<26}"
+            f"{'specificity (95% CI)':<26}{'ROC AUC (95% CI)':<26}cannot judge",
+        ]
+        for group, row in groups.items():
+            lines.append(
+                f"    {group:<20}{row['n_images']:>6,}{row['n_melanoma']:>11,}  "
+                f"{interval_cell(row, 'sensitivity'):<26}{interval_cell(row, 'specificity'):<26}"
+                f"{interval_cell(row, 'roc_auc'):<26}{cannot_judge_cell(row)}"
+            )
+    return lines
+
+
+def diagnosis_lines(groups):
+    """Each diagnosis's share flagged as melanoma: the sensitivity for melanomas, the false-alarm
+    share for the others (their false alarms add up to the confusion matrix's)."""
+    lines = [
+        "  By diagnosis (flagged as melanoma: for melanomas the sensitivity, for the others false alarms):",
+        f"    {'diagnosis':<36}{'n':>6}{'flagged':>9}  {'share (95% Wilson interval)':<30}cannot judge",
+    ]
+    for group, row in groups.items():
+        flagged = row["true_positive"] + row["false_positive"]
+        share = metrics.ratio(flagged, row["n_images"])
+        low, high = metrics.wilson_interval(flagged, row["n_images"])
+        lines.append(
+            f"    {subgroups.group_label('diagnosis', group):<36}{row['n_images']:>6,}{flagged:>9,}  "
+            f"{f'{percent(share)} ({percent(low)} to {percent(high)})':<30}{cannot_judge_cell(row)}"
+        )
+    return lines
+
+
 def known(value):
     return "not recorded" if value is None else value
 
@@ -512,6 +653,8 @@ def summary_report(result, context):
         *confusion_lines(result["confusion_matrix"]),
         "",
         *trust_lines(result),
+        "",
+        *subgroup_lines(result["subgroups"], result),
         "",
         *distribution_lines(context["class_distribution"], context["class_distribution_source"]),
     ]

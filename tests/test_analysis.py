@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, make_prepared_folder, make_varied_checkpoint, run_script
+from conftest import SAMPLE, assert_one_line_error, make_prepared_folder, make_varied_checkpoint, run_script
 from PIL import Image
 from sklearn import metrics as skmetrics
 
@@ -17,9 +17,11 @@ import analysis
 import checkpoints
 import engine
 import lesion_labels
+import metrics
 import prepared
 import report
 import scoring
+import subgroups
 import torch_reference
 import training_data
 
@@ -41,14 +43,35 @@ OTHER_SPLITS = [("train", 1, "no", 10), ("train", 1, "yes", 20), ("train", 0, "n
                 ("val", 0, "no", 7)]  # fmt: skip
 
 
-def write_manifest(root, test_folder):
-    rows = [("test", path.name, label, "no") for path, label in prepared.list_prepared_images(test_folder)]
+def sample_metadata():
+    """{image_id: (dx, age, sex, localization)} of the bundled sample's HAM10000 metadata."""
+    with open(SAMPLE / "HAM10000_metadata.csv", newline="") as file:
+        return {
+            row["image_id"]: (row["dx"], row["age"], row["sex"], row["localization"])
+            for row in csv.DictReader(file)
+        }
+
+
+def write_manifest(root, test_folder, facts=True):
+    """The prepared tree's manifest: the test split's images, with what the sample's metadata says
+    about them unless `facts` is False (a manifest of before diagnoses were recorded), and other
+    splits' rows."""
+    metadata = sample_metadata()
+    rows = [
+        ("test", path.name, label, "no", *(metadata[path.stem.split("_", 1)[1]] if facts else ("",) * 4))
+        for path, label in prepared.list_prepared_images(test_folder)
+    ]
     for split, label, augmented, count in OTHER_SPLITS:
-        rows += [(split, f"{split}_{label}_{augmented}_{i}.jpg", label, augmented) for i in range(count)]
+        rows += [
+            (split, f"{split}_{label}_{augmented}_{i}.jpg", label, augmented, *("",) * 4)
+            for i in range(count)
+        ]
+    header = ["split", "file", "label", "source_image", "lesion_id", "augmented"]
     with open(root / "manifest.csv", "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["split", "file", "label", "source_image", "lesion_id", "augmented"])
-        writer.writerows((split, name, label, name, "", augmented) for split, name, label, augmented in rows)
+        writer.writerow([*header, "diagnosis", "age", "sex", "localization"] if facts else header)
+        for split, name, label, augmented, *more in rows:
+            writer.writerow([split, name, label, name, "", augmented, *(more if facts else [])])
 
 
 def folder_state(folder):
@@ -446,3 +469,126 @@ def test_bad_numbers_are_rejected_by_the_parser(flag, capsys):
         analysis.main(flag)
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# --- results by subgroup --------------------------------------------------------------------------
+
+
+def test_subgroups_of_a_full_run(full_run):
+    results, printed = full_run
+    found = read_metrics(results)
+    groups = found["subgroups"]["groups"]
+    assert list(groups) == ["diagnosis", "sex", "age", "body_site"]
+    for dimension, rows in groups.items():
+        assert sum(row["n_images"] for row in rows.values()) == 16, dimension
+        assert sum(row["n_melanoma"] for row in rows.values()) == 8, dimension
+    assert groups["diagnosis"]["mel"]["n_images"] == 8 and "nv" in groups["diagnosis"]
+    false_alarms = sum(row["false_positive"] for row in groups["diagnosis"].values())
+    assert false_alarms == found["confusion_matrix"]["false_positive"] > 0
+    assert groups["diagnosis"]["mel"]["sensitivity"] == found["sensitivity"]
+    for rows in groups.values():
+        for row in rows.values():
+            assert row["roc_auc"] is None and "needs 10 of each class" in row["why_empty"]["roc_auc"]
+            assert row["n_cannot_judge"] is None  # this checkpoint cannot flag
+            if row["sensitivity"] is not None:
+                low, high = row["sensitivity_interval"]
+                assert low <= row["sensitivity"] <= high
+    with open(results / "subgroups.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == sum(len(rows) for rows in groups.values())
+    assert {row["dimension"] for row in table} == set(groups)
+    summary = (results / "summary_report.txt").read_text()
+    assert "Results by subgroup (at threshold" in summary and "prove nothing either way" in summary
+    assert "  By age band:" in summary and "mel (melanoma)" in summary
+    assert "No group (by diagnosis, sex, age or body site) has an interval wholly below" in " ".join(
+        summary.split("\n\n")[1].split()
+    )
+
+
+def test_a_folder_without_facts_gets_one_line_and_every_other_result(one_class_run):
+    results, printed = one_class_run
+    found = read_metrics(results)
+    assert found["subgroups"]["groups"] == {} and found["specificity"] is not None
+    assert "Results by subgroup: no subgroup facts were found (no manifest.csv beside" in printed
+    assert not (results / "subgroups.csv").exists() and not (results / "subgroups.png").exists()
+
+
+def test_an_old_manifest_reads_with_no_subgroup_facts(tmp_path):
+    folder = make_prepared_folder(tmp_path / "test", count=2)
+    write_manifest(tmp_path, folder, facts=False)
+    samples = analysis.prepared_images(folder)
+    members, reason = analysis.subgroup_members(folder, samples)
+    assert members is None and "records no diagnosis, sex, age or body site" in reason
+    write_manifest(tmp_path, folder)
+    members, source = analysis.subgroup_members(folder, samples)
+    assert source == str(tmp_path / "manifest.csv")
+    assert sorted(index for rows in members["sex"].values() for index in rows) == [0, 1, 2, 3]
+
+
+def test_a_bad_age_in_the_manifest_is_one_line(tmp_path, random_checkpoint, capsys):
+    folder = make_prepared_folder(tmp_path / "test", count=1)
+    write_manifest(tmp_path, folder)
+    manifest = tmp_path / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[7] = "old"
+    manifest.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
+    args = ["--model", random_checkpoint, "--data", folder, "--out", tmp_path / "results"]
+    assert_exits_2_with_one_line([str(arg) for arg in args], capsys)
+    assert not (tmp_path / "results").exists()
+
+
+def test_groups_by_age_band_body_region_sex_and_diagnosis():
+    rows = [
+        {"diagnosis": "nv", "age": "29.9", "sex": "female", "localization": "back"},
+        {"diagnosis": "mel", "age": "30", "sex": "male", "localization": "foot"},
+        {"diagnosis": "bkl", "age": "69", "sex": "", "localization": "scalp"},
+        {"diagnosis": "mel", "age": "70", "sex": "female", "localization": "elbow"},
+        None,  # not in the manifest
+        {"diagnosis": "df", "age": "", "sex": "male", "localization": "palms/soles"},
+    ]
+    members = subgroups.group_members(rows)
+    assert members["age"] == {
+        "under 30": [0],
+        "30-49": [1],
+        "50-69": [2],
+        "70 and over": [3],
+        "unknown": [4, 5],
+    }
+    assert members["body_site"] == {
+        "trunk": [0], "acral (hand, foot)": [1, 5], "head and neck": [2], "other": [3], "unknown": [4],
+    }  # fmt: skip
+    assert members["sex"] == {"female": [0, 3], "male": [1, 5], "unknown": [2, 4]}
+    assert list(members["diagnosis"]) == ["mel", "nv", "bkl", "df", "unknown"]
+    assert subgroups.group_members([{"diagnosis": "unknown", "sex": "male"}, None]) == {
+        "sex": {"male": [0], "unknown": [1]}
+    }
+    assert subgroups.group_members([None]) == {}
+    with pytest.raises(ValueError, match="age 'old' is not an age"):
+        subgroups.group_members([{"age": "old"}])
+
+
+def test_subgroup_plot_and_report_name_a_worse_group():
+    labels = np.array([1] * 30 + [0] * 40)
+    probabilities = np.r_[np.full(20, 0.9), np.full(10, 0.1), np.full(35, 0.1), np.full(5, 0.9)]
+    # The 10 oldest melanomas are all missed.
+    young, old = [*range(0, 20), *range(30, 50)], [*range(20, 30), *range(50, 70)]
+    members = {"age": {"under 30": young, "70 and over": old}}
+    table = metrics.subgroup_table(
+        labels, probabilities, 0.5, members, flagged=np.zeros(70, bool), resamples=50
+    )
+    result = metrics.evaluate(labels, probabilities, 0.5, resamples=20)
+    result["subgroups"] = {
+        "source": "hand-made", "min_per_class_for_auc": 10, "groups": table,
+        "below": metrics.groups_below_overall(table, result),
+    }  # fmt: skip
+    paragraph = " ".join(report.screening_paragraph(result).split())
+    assert "The model does worse for these groups" in paragraph
+    assert "age band 70 and over: sensitivity 0.0% (95% interval 0.0% to 27.8%, against 66.7%" in paragraph
+    assert "age band under 30" not in paragraph
+    lines = report.subgroup_lines(result["subgroups"], result)
+    assert any(line.split()[:4] == ["70", "and", "over", "30"] for line in lines)
+    figure = report.plot_subgroups(result["subgroups"], result)
+    assert len(figure.axes) == 2 and figure.axes[0].get_yticklabels()[0].get_text().startswith(
+        "age band under 30"
+    )

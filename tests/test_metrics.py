@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn import calibration
+from sklearn import metrics as skmetrics
 
 import metrics
 
@@ -104,3 +106,115 @@ def test_paired_auc_difference_cancels_what_two_rankings_share():
 def test_wilson_interval_matches_published_values(successes, trials, expected):
     interval = metrics.wilson_interval(successes, trials)
     assert interval == (None if expected is None else pytest.approx(expected, abs=1e-4))
+
+
+# --- subgroups ---------------------------------------------------------------
+
+
+def test_a_groups_wilson_interval_is_scipys():
+    labels = [1] * 9 + [0] * 4
+    probabilities = [0.9] * 7 + [0.1] * 2 + [0.8] + [0.2] * 3  # 7 of 9 melanomas found, 1 false alarm
+    row = metrics.subgroup_metrics(labels, probabilities, 0.5)
+    expected = stats.binomtest(7, 9).proportion_ci(method="wilson")
+    assert row["sensitivity"] == pytest.approx(7 / 9)
+    assert row["sensitivity_interval"] == pytest.approx([expected.low, expected.high])
+    assert row["sensitivity_interval"] == pytest.approx([0.4526, 0.9368], abs=1e-4)  # by hand
+    assert row["specificity_interval"] == pytest.approx(
+        list(stats.binomtest(3, 4).proportion_ci(method="wilson"))
+    )
+    assert (row["true_positive"], row["false_negative"], row["false_positive"], row["true_negative"]) == (
+        7,
+        2,
+        1,
+        3,
+    )
+
+
+def test_a_group_without_melanomas_says_why_its_cells_are_empty():
+    row = metrics.subgroup_metrics(
+        [0, 0, 0, 0], [0.7, 0.2, 0.1, 0.3], 0.5, flagged=[True, False, False, True]
+    )
+    assert (row["n_images"], row["n_melanoma"], row["n_non_melanoma"]) == (4, 0, 4)
+    assert row["sensitivity"] is None and row["sensitivity_interval"] is None
+    assert row["specificity"] == 0.75 and row["false_positive"] == 1
+    assert row["roc_auc"] is None and row["roc_auc_interval"] is None
+    assert row["why_empty"] == {
+        "sensitivity": "no melanomas",
+        "roc_auc": "needs 10 of each class (0 melanomas, 4 benign)",
+    }
+    assert row["n_cannot_judge"] == 2
+
+
+@pytest.mark.parametrize(("label", "probability"), [(1, 0.9), (1, 0.1), (0, 0.9), (0, 0.1)])
+def test_a_group_of_one_image(label, probability):
+    row = metrics.subgroup_metrics([label], [probability], 0.5)
+    found = probability >= 0.5
+    rate, other = ("sensitivity", "specificity") if label else ("specificity", "sensitivity")
+    assert row[rate] == (float(found) if label else float(not found))
+    assert row[rate + "_interval"] == pytest.approx(
+        [0.0, 0.7935] if row[rate] == 0 else [0.2065, 1.0], abs=1e-4
+    )
+    assert row[other] is None and set(row["why_empty"]) == {other, "roc_auc"}
+    assert row["n_cannot_judge"] is None  # no flags given: the checkpoint cannot flag
+
+
+def test_auc_and_its_interval_only_with_ten_of_each_class():
+    labels, probabilities = synthetic_scores(size=200)
+    row = metrics.subgroup_metrics(labels, probabilities, 0.5, resamples=200)
+    assert row["roc_auc"] == pytest.approx(skmetrics.roc_auc_score(labels, probabilities))
+    low, high = row["roc_auc_interval"]
+    assert low < row["roc_auc"] < high and high - low < 0.25
+    assert "roc_auc" not in row["why_empty"]
+    nine = np.r_[np.flatnonzero(labels == 1)[:9], np.flatnonzero(labels == 0)[:50]]
+    few = metrics.subgroup_metrics(labels[nine], probabilities[nine], 0.5)
+    assert (
+        few["roc_auc"] is None
+        and few["why_empty"]["roc_auc"] == "needs 10 of each class (9 melanomas, 50 benign)"
+    )
+
+
+def test_bootstrap_aucs_are_scikit_learns_on_each_resample():
+    labels, probabilities = synthetic_scores(size=60)
+    probabilities = np.round(probabilities, 1)  # ties, which count one half
+    fast = list(metrics.bootstrap_aucs(labels, probabilities, 20, seed=3))
+    slow = [
+        skmetrics.roc_auc_score(labels[index], probabilities[index])
+        for index in metrics.stratified_resamples(labels, 20, seed=3)
+    ]
+    assert fast == pytest.approx(slow, abs=1e-12)
+    assert len(set(fast)) > 10
+
+
+def test_per_diagnosis_false_alarms_add_up_to_the_folders():
+    labels, probabilities = synthetic_scores()
+    diagnoses = np.where(
+        labels == 1, "mel", np.random.default_rng(0).choice(["nv", "bkl", "df"], len(labels))
+    )
+    members = {"diagnosis": {name: np.flatnonzero(diagnoses == name) for name in ("mel", "nv", "bkl", "df")}}
+    table = metrics.subgroup_table(labels, probabilities, 0.5, members, resamples=10)["diagnosis"]
+    folder = metrics.confusion_counts(labels, metrics.predict_labels(probabilities, 0.5))
+    assert sum(row["false_positive"] for row in table.values()) == folder["false_positive"] > 0
+    assert table["mel"]["sensitivity"] == pytest.approx(
+        metrics.sensitivity_specificity(labels, probabilities, 0.5)[0]
+    )
+    assert sum(row["n_images"] for row in table.values()) == len(labels)
+
+
+def test_groups_whose_interval_lies_wholly_below_the_folder_are_named():
+    worse = {
+        "sensitivity_interval": [0.2, 0.6],
+        "specificity_interval": [0.5, 0.95],
+        "roc_auc_interval": None,
+    }
+    straddles = {"sensitivity_interval": [0.5, 0.95], "specificity_interval": None, "roc_auc_interval": None}
+    table = {
+        "age": {
+            "70 and over": {**worse, "sensitivity": 0.4, "specificity": 0.8, "roc_auc": None},
+            "under 30": {**straddles, "sensitivity": 0.8, "specificity": None, "roc_auc": None},
+        }
+    }
+    below = metrics.groups_below_overall(table, {"sensitivity": 0.7, "specificity": 0.9, "roc_auc": None})
+    assert below == [
+        {"dimension": "age", "group": "70 and over", "metric": "sensitivity", "value": 0.4,
+         "interval": [0.2, 0.6], "overall": 0.7}
+    ]  # fmt: skip

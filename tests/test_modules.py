@@ -49,15 +49,15 @@ def test_manifest_is_written_in_split_order_and_reads_back(tmp_path):
     rows = [
         prepared.ManifestRow("test", "nomel_ISIC_3.jpg", 0, "ISIC_3", None, False),
         prepared.ManifestRow("train", "mel_aug_ISIC_1_0.jpg", 1, "ISIC_1", "HAM_1", True, "mel"),
-        prepared.ManifestRow("train", "mel_ISIC_1.jpg", 1, "ISIC_1", "HAM_1", False, "mel"),
+        prepared.ManifestRow("train", "mel_ISIC_1.jpg", 1, "ISIC_1", "HAM_1", False, "mel", "45", "m", "ear"),
     ]
     path = tmp_path / prepared.MANIFEST_FILE
     prepared.write_manifest(path, rows)
     assert path.read_text(encoding="utf-8") == (
-        "split,file,label,source_image,lesion_id,augmented,diagnosis\n"
-        "train,mel_ISIC_1.jpg,1,ISIC_1,HAM_1,no,mel\n"
-        "train,mel_aug_ISIC_1_0.jpg,1,ISIC_1,HAM_1,yes,mel\n"
-        "test,nomel_ISIC_3.jpg,0,ISIC_3,,no,unknown\n"
+        "split,file,label,source_image,lesion_id,augmented,diagnosis,age,sex,localization\n"
+        "train,mel_ISIC_1.jpg,1,ISIC_1,HAM_1,no,mel,45,m,ear\n"
+        "train,mel_aug_ISIC_1_0.jpg,1,ISIC_1,HAM_1,yes,mel,,,\n"
+        "test,nomel_ISIC_3.jpg,0,ISIC_3,,no,unknown,,,\n"
     )
     assert prepared.read_manifest(path) == [rows[2], rows[1], rows[0]._replace(lesion_id="")]
 

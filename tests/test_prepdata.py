@@ -23,6 +23,7 @@ from PIL import Image
 import lesion_labels
 import prepared
 import prepdata
+import subgroups
 
 HAM_300 = SHARED_DATA / "ham10000_300"
 SMALL = 64  # --max-side for tests: real images, tiny files
@@ -310,6 +311,7 @@ def test_isic_2019_ground_truth_with_integer_labels(tmp_path):
     printed = prepare(out, csv_path=tmp_path / "ISIC_2019_Training_GroundTruth.csv", workers=2)
     assert labels_written(out) == sample_labels()
     assert "No lesion ids" in printed
+    assert {(row["age"], row["sex"], row["localization"]) for row in read_manifest(out)} == {("", "", "")}
 
 
 def test_metadata_csv_gives_labels_from_dx_and_lesion_ids(tmp_path):
@@ -372,6 +374,58 @@ def test_a_manifest_without_diagnoses_reads_as_unknown(tmp_path):
     )
     (row,) = prepared.read_manifest(tmp_path / "manifest.csv")
     assert row.diagnosis == lesion_labels.UNKNOWN_DIAGNOSIS
+    assert (row.age, row.sex, row.localization) == ("", "", "")
+
+
+def sample_facts():
+    """{image_id: (age, sex, localization)} as the bundled sample's HAM10000 metadata writes them."""
+    with open(SAMPLE / "HAM10000_metadata.csv", newline="") as file:
+        return {
+            row["image_id"]: (row["age"], row["sex"], row["localization"]) for row in csv.DictReader(file)
+        }
+
+
+def facts_written(out):
+    return {row["source_image"]: (row["age"], row["sex"], row["localization"]) for row in read_manifest(out)}
+
+
+def test_age_sex_and_body_site_come_from_the_metadata_beside_the_labels_or_as_labels(sample_tree, tmp_path):
+    expected = {
+        image_id: (f"{float(age):g}", sex, "" if site == "unknown" else site)
+        for image_id, (age, sex, site) in sample_facts().items()
+    }
+    assert len({site for _, _, site in expected.values()}) > 5 and "" in {
+        site for *_, site in expected.values()
+    }
+    assert facts_written(sample_tree[0]) == expected  # GroundTruth.csv, metadata found beside it
+    assert "Age, sex and body site from" in sample_tree[1]
+    out = tmp_path / "from_metadata"
+    prepare(out, csv_path=SAMPLE / "HAM10000_metadata.csv")
+    assert facts_written(out) == expected
+    augmented = [row for row in read_manifest(out) if row["augmented"] == "yes"]
+    assert augmented and all(row["sex"] for row in augmented), "a copy keeps its image's facts"
+    manifest_rows = prepared.read_manifest(out / "manifest.csv")
+    assert {row.source_image: (row.age, row.sex, row.localization) for row in manifest_rows} == expected
+
+
+def test_isic_2019_metadata_columns_give_the_same_facts():
+    row = {"image": "ISIC_1", "age_approx": "55.0", "anatom_site_general": "Palms/Soles", "sex": "female"}
+    assert subgroups.recorded_facts(row) == {"age": "55", "sex": "female", "localization": "palms/soles"}
+    unknown = {"age": "", "sex": "unknown", "localization": "unknown"}
+    assert subgroups.recorded_facts(unknown) == {"age": "", "sex": "", "localization": ""}
+
+
+@pytest.mark.parametrize("age", ["forty", "-5", "nan", "200"])
+def test_a_bad_age_in_the_metadata_is_one_line_and_exit_2(tmp_path, capsys, age):
+    lines = (SAMPLE / "HAM10000_metadata.csv").read_text().splitlines()
+    fields = lines[3].split(",")
+    fields[4] = age
+    lines[3] = ",".join(fields)
+    (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "prepared"
+    message = refusal(capsys, out, "--metadata", tmp_path / "metadata.csv")
+    assert f"metadata.csv line 4: age '{age}' is not an age in years" in message
+    assert not out.exists() and not hidden_siblings(out)
 
 
 def test_missing_corrupt_and_truncated_images_are_skipped_and_reported(tmp_path, writable_copy):
