@@ -3,24 +3,22 @@ back (an original project's bare state_dict too), and scored by torch through th
 interface (`TorchNetwork`)."""
 
 import datetime
-from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 
 from backbones import (
-    ARCH,
-    DEFAULT_IMAGE_SIZE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    DEFAULT_ARCH,
     SkinLesionModel,
+    backbone_named,
     fold_batch_norms,
     model_for_inference,
+    saved_dict,
     scoring_outputs,
 )
 from devices import choose_device
-from errors import CheckpointError
+from errors import CheckpointError, UserError
 from files import atomic_output
 from heatmaps import class_activation_maps, heatmap_outputs
 from image_input import model_input
@@ -51,7 +49,7 @@ class TorchNetwork:
             torch.set_num_threads(threads)
         self.device = choose_device(device)
         self.model, self.meta = load_scoring_model(checkpoint_path, self.device)
-        self.classifier_weight = self.model.efficientnet.classifier[-1].weight.detach().cpu().numpy()
+        self.classifier_weight = self.model.classifier_weight.detach().cpu().numpy()
         self.threads = torch.get_num_threads()
 
     def batch(self, images):
@@ -66,23 +64,26 @@ class TorchNetwork:
 
 
 def checkpoint_metadata(
-    image_size=DEFAULT_IMAGE_SIZE,
+    arch=DEFAULT_ARCH,
+    image_size=None,
     threshold=0.5,
     weights="none",
     epoch=None,
     val_metrics=None,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
     **extra,
 ):
-    """The plain metadata stored beside the weights (DESIGN.md, "Checkpoint").
+    """The plain metadata stored beside the weights (DESIGN.md, "Checkpoint"): the backbone
+    (`arch`), its normalisation, and the image size (the backbone's own when None).
 
     `extra` adds further plain values (str, numbers, lists, dicts), e.g. the threshold rule, or
     `targets` "diagnosis" with the head's `diagnoses` (its outputs, in order). `class_names` stay
     the two answers every stage gives, whatever the head.
     """
+    backbone = backbone_named(arch)
+    image_size = image_size or backbone.image_size
+    mean, std = backbone.mean, backbone.std
     return {
-        "arch": ARCH,
+        "arch": backbone.name,
         "class_names": list(CLASS_NAMES),
         "targets": "melanoma",
         "image_size": int(image_size),
@@ -113,17 +114,8 @@ def save_checkpoint(path, model, meta):
 
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode on `device`, metadata) from a checkpoint or an original bare state_dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"{path}: checkpoint not found (train first with model.py, or pass --model PATH)"
-        )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (expected a dict, found {type(saved).__name__})")
+    missing = "checkpoint not found (train first with model.py, or pass --model PATH)"
+    saved = saved_dict(path, CheckpointError, "checkpoint", missing)
     if "model_state" in saved:
         meta = {key: value for key, value in saved.items() if key != "model_state"}
         state = saved["model_state"]
@@ -134,14 +126,16 @@ def load_checkpoint(path, device="cpu"):
             "trained_at": None,
         }
         state = original_state_dict_to_ours(saved)
-    outputs = head_size(meta)
-    model = SkinLesionModel(num_classes=outputs)
+    outputs, arch = head_size(meta), meta.get("arch", DEFAULT_ARCH)
     try:
+        model = SkinLesionModel(arch, num_classes=outputs)
         model.load_state_dict(state)
+    except UserError as error:
+        raise CheckpointError(f"{path}: {error}") from None
     except RuntimeError as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(
-            f"{path}: weights do not fit EfficientNetV2-S with {outputs} outputs ({first_line})"
+            f"{path}: weights do not fit {arch} with {outputs} outputs ({first_line})"
         ) from None
     return model_for_inference(model, device), meta
 

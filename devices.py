@@ -1,6 +1,7 @@
 """Where training and torch scoring run: the device, mixed precision, and torchrun's processes."""
 
 import os
+import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -91,7 +92,35 @@ def start_runtime(args):
         f"Training on {device.type} in {amp_name(amp_dtype)}, {world_size} process(es), "
         f"{args.batch_size} x {args.accumulation_steps} accumulated images per step and process."
     )
+    if device.type == "cpu":
+        runtime.log(f"CPU: {cpu_description()}.")
     return runtime
+
+
+def cpu_description():
+    """The CPU's name, the widest instruction set torch uses on it, and its bf16 instructions:
+    whether bf16 pays depends on them (docs/measurements.md), so the logs name them."""
+    bf16 = [
+        name
+        for name, present in (
+            ("AMX", torch.cpu._is_amx_tile_supported()),
+            ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()),
+        )
+        if present
+    ]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_name()}, {capability}, bf16 instructions: {', '.join(bf16) or 'none'}"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: the platform module's answer below
+    return platform.processor() or "unknown CPU"
 
 
 def stop_runtime(runtime):

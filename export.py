@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import onnx_file
-from backbones import forward_with_stages
 from checkpoints import load_scoring_model
 from errors import CheckpointError
 from files import atomic_output, file_sha256
@@ -21,16 +20,16 @@ class ScoringGraph(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.network = getattr(model, "module", model).efficientnet
+        self.network = getattr(model, "module", model)
 
     def forward(self, images):
-        logits, stage_means, last_feature_map = forward_with_stages(self.network, images)
+        logits, stage_means, last_feature_map = self.network.forward_with_stages(images)
         return logits, *stage_means, last_feature_map
 
     def output_names(self):
         return [
             "logits",
-            *(f"stage_mean_{index}" for index in range(len(self.network.features))),
+            *(f"stage_mean_{index}" for index in range(len(self.network.stages()))),
             "last_feature_map",
         ]
 
@@ -56,10 +55,10 @@ def export_onnx(checkpoint_path, onnx_path):
         external_data=False,
         verbose=False,
     )
-    classifier = graph.network.classifier[-1]
+    classifier_weight = graph.network.classifier_weight
     onnx_meta = {
         **meta,
-        "classifier_weight": classifier.weight.detach().tolist(),
+        "classifier_weight": classifier_weight.detach().tolist(),
         "checkpoint_sha256": file_sha256(checkpoint_path),
     }
     proto = program.model_proto

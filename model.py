@@ -1,4 +1,5 @@
-"""Train the melanoma classifier: fine-tune EfficientNetV2-S on a prepared tree, then test it.
+"""Train the melanoma classifier: fine-tune a backbone (EfficientNetV2-S by default, or
+EfficientNet-Lite0 whose ImageNet weights install with pip) on a prepared tree, then test it.
 
     python model.py --data prepared_dataset --out .
     torchrun --nproc_per_node=4 model.py --data prepared_dataset     # several GPUs, one machine
@@ -61,6 +62,7 @@ CHANGEABLE_ON_RESUME = ("data", "out", "workers", "device", "resume", "ood_flag_
 
 # A run interrupted before these settings existed resumed as it was trained: without them.
 SETTINGS_BEFORE_THEY_EXISTED = {
+    "arch": backbones.DEFAULT_ARCH,
     "targets": "melanoma",
     "ema_decay": 0.0,
     "progressive_from": 0,
@@ -94,7 +96,7 @@ def ema_decay(text):
 
 def get_args_parser():
     parser = cli.ArgumentParser(
-        description="Fine-tune EfficientNetV2-S to tell melanoma from other lesions (model.py).",
+        description="Fine-tune an ImageNet backbone to tell melanoma from other lesions (model.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
@@ -116,7 +118,19 @@ def get_args_parser():
         default=3,
         help="stop after this many epochs without improvement",
     )
-    add("--image-size", type=cli.positive_int, default=backbones.DEFAULT_IMAGE_SIZE, help="square input size")
+    add(
+        "--arch",
+        choices=sorted(backbones.BACKBONES),
+        default=backbones.DEFAULT_ARCH,
+        help="backbone: efficientnet_v2_s (ImageNet weights downloaded once by torchvision) or "
+        "efficientnet_lite0 (ImageNet weights installed with pip: no download)",
+    )
+    add(
+        "--image-size",
+        type=cli.positive_int,
+        help="square input size; when not given, the backbone's own (384 for efficientnet_v2_s, "
+        "224 for efficientnet_lite0)",
+    )
     add("--lr", type=cli.positive_float, default=3e-4, help="peak AdamW learning rate")
     add("--weight-decay", type=cli.non_negative_float, default=0.05, help="AdamW weight decay")
     add(
@@ -237,11 +251,13 @@ def get_args_parser():
 
 
 def parse_args(parser, argv):
-    """Parse twice when a preset is named: its values become the defaults, explicit flags win."""
+    """Parse twice when a preset is named: its values become the defaults, explicit flags win.
+    An image size not given is the backbone's own."""
     args = parser.parse_args(argv)
     if args.preset:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
+    args.image_size = args.image_size or backbones.BACKBONES[args.arch].image_size
     return args
 
 
@@ -372,6 +388,7 @@ def save_best(args, network, head, val_scores, epoch, out, monitor, amp_dtype, s
         val_scores.labels, val_scores.probabilities, args.threshold, args.target_sensitivity
     )
     meta = checkpoints.checkpoint_metadata(
+        arch=args.arch,
         image_size=args.image_size,
         threshold=threshold,
         weights=args.weights,
@@ -407,12 +424,8 @@ def save_last_checkpoint(path, args, trainer, plateau, progress):
 
 
 def load_last_checkpoint(path):
-    if not path.is_file():
-        raise errors.UserError(f"{path}: nothing to resume (no last checkpoint in --out)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise errors.UserError(f"{path}: not a readable last checkpoint ({type(error).__name__})") from None
+    missing = "nothing to resume (no last checkpoint in --out)"
+    return backbones.saved_dict(path, errors.UserError, "last checkpoint", missing)
 
 
 def restore(resume_state, trainer, plateau):
@@ -603,10 +616,13 @@ def evaluate_best_on_test(args, device, best_path):
 # --- main --------------------------------------------------------------------------------------
 
 
-def describe_weights(weights):
-    if weights == "none":
-        return "random initialisation (--weights none): expect a much weaker model than with ImageNet weights"
-    return f"{weights} (ImageNet-pretrained backbone, new head)"
+def describe_weights(args):
+    if args.weights == "none":
+        return f"{args.arch} from random initialisation (--weights none): expect a much weaker model"
+    if args.weights == "imagenet":
+        source = backbones.BACKBONES[args.arch].weights_source
+        return f"{args.arch} with ImageNet weights from {source}, and a new head"
+    return f"{args.arch} with the weights in {args.weights}, and a new head"
 
 
 def threshold_rule_of_training(args, typed, meta):
@@ -644,7 +660,7 @@ def main(argv=None):
         return
     runtime = devices.start_runtime(args)
     try:
-        runtime.log(f"Weights: {describe_weights(args.weights)}.")
+        runtime.log(f"Weights: {describe_weights(args)}.")
         best_path = train_model(args, runtime, resume_state)
         if runtime.is_main:
             scoring_fit.fit_scoring_rules(best_path, args, runtime.device)

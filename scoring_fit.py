@@ -19,6 +19,7 @@ import metrics
 import onnx_file
 import prepared
 import scoring
+from backbones import backbone_named
 from image_input import QUALITY_STATISTICS
 from lesion_labels import CLASS_NAMES, MELANOMA, NON_MELANOMA
 from metrics import choose_threshold
@@ -57,16 +58,7 @@ def fit_calibration(labels, log_odds):
     return calibration, None
 
 
-# The stages whose mean output the out-of-distribution score reads (EfficientNetV2-S has 8).
-# What tells a dermoscopic image from a photo of anything else is mostly colour and texture,
-# which the early stages encode; the last stages of a network trained to tell melanoma from other
-# lesions keep what separates those and squeeze everything else together. Measured on the quality
-# benchmark's network (docs/trust.md): the last stage alone flagged 55% of non-lesion pictures,
-# stages 1-3 together 96%, each at 5% of validation images.
-OOD_STAGES = (1, 2, 3)
-
-
-def fit_ood(train, val_stage_means, flag_rate, stages=OOD_STAGES):
+def fit_ood(train, val_stage_means, flag_rate, stages):
     """What the out-of-distribution score needs (`scoring.ood_scores`): for each stage, the class
     means and the inverse of the shared covariance of the original training images' stage means,
     and the validation distance that `flag_rate` of validation images exceed (the stage's unit);
@@ -146,7 +138,7 @@ def fit_scoring_rules(best_path, args, device):
         threshold_uncalibrated=raw_threshold,
         calibration=calibration and {**calibration, **calibration_change(val.labels, raw, calibrated)},
         not_calibrated=not_calibrated,
-        ood=fit_ood(train, val.stage_means, args.ood_flag_rate),
+        ood=fit_ood(train, val.stage_means, args.ood_flag_rate, backbone_named(meta["arch"]).ood_stages),
         quality=fit_quality_limits(train.facts),
     )
     checkpoints.save_checkpoint(best_path, weights, meta)

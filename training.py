@@ -187,7 +187,7 @@ def build_model(args, runtime, resume_state, head):
     """The model on its device; under DDP only rank 0 loads pretrained weights (DDP copies them)."""
     torch.manual_seed(args.seed)  # the new head starts the same in every run with this seed
     weights = args.weights if runtime.is_main and resume_state is None else "none"
-    model = SkinLesionModel(weights=weights, num_classes=head.size)
+    model = SkinLesionModel(args.arch, weights=weights, num_classes=head.size)
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
     model = model.to(runtime.device, memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ from torchvision import transforms
 import lesion_labels
 import prepared
 import scoring
-from backbones import IMAGENET_MEAN, IMAGENET_STD
+from backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_named
 from errors import ImageError, UserError
 from image_input import load_image
 
@@ -93,7 +93,7 @@ class RandomQuarterTurn:
 
 
 @functools.lru_cache(maxsize=64)  # one per (size, strength) of a run: built once per worker
-def train_transform(image_size, augmentation="ours", strength=1.0):
+def train_transform(image_size, augmentation="ours", strength=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Online training augmentation; it adds nothing real images lack (no black-filled corners).
 
     Both start from the eval transform's square resize, so lesions keep the proportions they will
@@ -101,7 +101,7 @@ def train_transform(image_size, augmentation="ours", strength=1.0):
     clue, and PIL's hue shift costs more than the rest of the augmentation together. Its
     `strength` in [0, 1] (progressive resizing: weak on small images, full at the final size, as
     EfficientNetV2's progressive learning does) takes the smallest crop from 80% to 50% of the
-    image and the colour jitter from 0.1 to 0.2.
+    image and the colour jitter from 0.1 to 0.2. `mean` and `std` are the backbone's.
     """
     square = transforms.Resize((image_size, image_size), antialias=True)
     if augmentation == "original":
@@ -121,7 +121,7 @@ def train_transform(image_size, augmentation="ours", strength=1.0):
             RandomQuarterTurn(),  # with the flip: all 8 orientations of the square
             colour,
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 
@@ -172,7 +172,9 @@ class ReproducibleAugmentation(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         size = epoch_image_size(self.args, epoch)
-        transform = train_transform(size, self.args.augmentation, augmentation_strength(self.args, size))
+        backbone = backbone_named(self.args.arch)
+        strength = augmentation_strength(self.args, size)
+        transform = train_transform(size, self.args.augmentation, strength, backbone.mean, backbone.std)
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream untouched
             torch.manual_seed(derived_seed(self.args.seed, AUGMENTATION_STREAM, epoch, index))
             return transform(load_image(self.images.paths[index])), self.targets[index]
@@ -271,7 +273,8 @@ def choose_head(args, runtime):
 
 def eval_loader(folder, args, runtime):
     """Deterministic loader of this process's share (no padding, so no image counts twice)."""
-    images = SkinLesionDataset(folder, eval_transform(args.image_size))
+    backbone = backbone_named(args.arch)
+    images = SkinLesionDataset(folder, eval_transform(args.image_size, backbone.mean, backbone.std))
     if runtime.world_size > 1:
         images = Subset(images, range(runtime.rank, len(images), runtime.world_size))
     return make_loader(images, args, runtime)

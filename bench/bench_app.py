@@ -17,7 +17,6 @@ prints figures; it never fails on timing.
 """
 
 import copy
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import export  # noqa: E402
 import image_input  # noqa: E402
 import scoring  # noqa: E402
 import torch_reference  # noqa: E402
+from devices import cpu_name  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SMALL_IMAGES = SHARED_DATA / "ham10000_sample" / "images"
@@ -69,13 +69,6 @@ def post_sequentially(base_url, uploads, requests, explain=False):
 
 def percentile_ms(latencies, percent):
     return 1000 * float(np.percentile(latencies, percent))
-
-
-def cpu_name():
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def report_latency(name, results, reference_ms=None):
@@ -202,7 +195,7 @@ def with_ood_rules(model, meta, photos):
     stage means of `photos` (what the score costs does not depend on the fitted values)."""
     if meta.get("ood"):
         return meta
-    import model as training  # the bench may use the training code; the app never does
+    import scoring_fit  # the bench may use the training code; the app never does
 
     transform = torch_reference.checkpoint_transform(meta)
     batch = torch.stack(
@@ -210,7 +203,8 @@ def with_ood_rules(model, meta, photos):
     )
     _, stage_means = backbones.network_outputs(model, batch, torch.device("cpu"))
     scored = engine.ScoredImages(np.zeros(len(photos), dtype=int), None, stage_means, None)
-    return {**meta, "ood": training.fit_ood(scored, stage_means, 0.05)}
+    stages = backbones.backbone_named(meta["arch"]).ood_stages
+    return {**meta, "ood": scoring_fit.fit_ood(scored, stage_means, 0.05, stages)}
 
 
 def timed(step):

@@ -33,7 +33,6 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_app import cpu_name  # noqa: E402
 from bench_predict import load_average  # noqa: E402
 
 import cli  # noqa: E402
@@ -42,6 +41,7 @@ import export  # noqa: E402
 import onnx_file  # noqa: E402
 import prepared  # noqa: E402
 import scoring  # noqa: E402
+from devices import cpu_name  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench_runs" / "gpu" / "run" / "best_model.pth"
 DEFAULT_DATA = ROOT / "bench_runs" / "gpu" / "prepared_dataset"

@@ -21,12 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_app import cpu_name  # noqa: E402
-
 import cli  # noqa: E402
 import engine  # noqa: E402
 import errors  # noqa: E402
 import export  # noqa: E402
+from devices import cpu_name  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "bench_runs" / "gpu" / "run" / "best_model.pth"
 DEFAULT_DATA = ROOT / "bench_runs" / "gpu" / "prepared_dataset" / "test"

@@ -70,6 +70,9 @@ def get_args_parser():
         help="loader processes for (b) (default: model.py's default, %(default)s)",
     )
     add("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    add(
+        "--arch", choices=sorted(backbones.BACKBONES), default=backbones.DEFAULT_ARCH, help="backbone to time"
+    )
     add("--memory-only", action="store_true", help="print only the memory of one step (no timing)")
     return parser
 
@@ -99,11 +102,11 @@ class TimedLoader:
         return self.batch_size * (len(self.times) - 1 - warmup) / (self.times[-1] - self.times[warmup])
 
 
-def images_per_second(loader, device, mode, warmup):
+def images_per_second(loader, device, mode, warmup, arch=backbones.DEFAULT_ARCH):
     """One epoch over `loader` with model.py's Trainer; throughput after the warm-up steps."""
     memory_format, amp_dtype = MODES[mode]
     torch.manual_seed(0)
-    network = backbones.SkinLesionModel(weights="none").to(device, memory_format=memory_format)
+    network = backbones.SkinLesionModel(arch).to(device, memory_format=memory_format)
     optimizer = training.make_optimizer(network.parameters(), device, lr=1e-4, weight_decay=0.05)
     trainer = training.Trainer(network, optimizer, device, amp_dtype, memory_format=memory_format)
     timed = TimedLoader(loader, device)
@@ -140,12 +143,12 @@ def storage_key(tensor):
     return storage.data_ptr(), storage.nbytes()
 
 
-def training_step_bytes(size, batch_size, mode):
+def training_step_bytes(size, batch_size, mode, arch=backbones.DEFAULT_ARCH):
     """(bytes saved for backward, bytes of weights + gradients + AdamW moments) of one step.
 
     Storages are counted once, as autograd keeps them (several saved tensors can share one)."""
     memory_format, amp_dtype = MODES[mode]
-    network = backbones.SkinLesionModel(weights="none").to(memory_format=memory_format)
+    network = backbones.SkinLesionModel(arch).to(memory_format=memory_format)
     images = torch.randn(batch_size, 3, size, size).to(memory_format=memory_format)
     saved = {}
 
@@ -181,30 +184,31 @@ def pipeline_loader(source, folder, count, size, args, device):
         path = alternating[index % len(alternating)]
         (folder / "train" / f"{path.stem}_{index}{path.suffix}").symlink_to(path.resolve())
     settings = ["--data", str(folder), "--image-size", str(size), "--batch-size", str(args.batch_size)]
-    settings += ["--workers", str(args.workers)]
+    settings += ["--workers", str(args.workers), "--arch", args.arch]
     loader_args = model.parse_args(model.get_args_parser(), settings)
     return training_data.train_loader(loader_args, devices.Runtime(device, None), training_data.Head())
 
 
 def bench_size(size, args, device):
     count = (args.warmup + args.steps) * args.batch_size
-    print(f"\n{size} px, batch {args.batch_size}, {device.type}, {args.workers} loader workers for (b)")
+    setting = f"{args.arch}, {size} px, batch {args.batch_size}, {device.type}"
+    print(f"\n{setting}, {args.workers} loader workers for (b)")
     if not args.memory_only:
         print(f"  {'mode':<20} {'(a) model img/s':>16} {'(b) pipeline img/s':>19} {'(b)/(a)':>8}")
     results = {}
     for mode in [] if args.memory_only else args.modes:
         model_alone = images_per_second(
-            synthetic_loader(count, size, args.batch_size), device, mode, args.warmup
+            synthetic_loader(count, size, args.batch_size), device, mode, args.warmup, args.arch
         )
         with tempfile.TemporaryDirectory() as folder:
             loader = pipeline_loader(args.data, Path(folder), count, size, args, device)
-            pipeline = images_per_second(loader, device, mode, args.warmup)
+            pipeline = images_per_second(loader, device, mode, args.warmup, args.arch)
         results[mode] = (model_alone, pipeline)
         print(
             f"  {mode:<20} {model_alone:>16.2f} {pipeline:>19.2f} {pipeline / model_alone:>8.2f}", flush=True
         )
     for mode in args.modes:
-        activations, state = training_step_bytes(size, args.batch_size, mode)
+        activations, state = training_step_bytes(size, args.batch_size, mode, args.arch)
         print(
             f"  {mode}: one step keeps {activations / 2**30:.2f} GiB for backward "
             f"+ {state / 2**30:.2f} GiB weights, gradients, AdamW state"

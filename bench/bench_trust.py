@@ -41,6 +41,7 @@ The non-lesion set, file names by kind (`kind_what.ext`):
   desktop and on a phone, through Playwright; skipped with a note when Chromium is not installed.
 """
 
+import argparse
 import functools
 import io
 import json
@@ -59,25 +60,23 @@ from matplotlib.colors import LightSource
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from playwright.sync_api import sync_playwright
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # app_harness and torch_reference: what the tests see of the app
 
-import backbones  # noqa: E402
 import checkpoints  # noqa: E402
 import cli  # noqa: E402
 import devices  # noqa: E402
+import engine  # noqa: E402
 import errors  # noqa: E402
 import files  # noqa: E402
-import image_input  # noqa: E402
 import lesion_labels  # noqa: E402
 import metrics  # noqa: E402
 import prepared  # noqa: E402
 import scoring  # noqa: E402
-import torch_reference  # noqa: E402
-from bench.bench_app import cpu_name  # noqa: E402
+import scoring_fit  # noqa: E402
+from devices import cpu_name  # noqa: E402
 
 # `make bench-quality` leaves our recipe's checkpoint and prepared tree here.
 WORK = ROOT / "bench_runs" / "quality" / "ours"
@@ -370,20 +369,39 @@ def kind_of(path):
 # --- scoring as the app scores an upload --------------------------------------------------------
 
 
-def score_files(model, meta, rules, paths, description, device, batch_size):
-    """(logits, the app's answer for each image) of image files, decoded and scored as app.py does."""
-    size, transform = meta["image_size"], torch_reference.checkpoint_transform(meta)
-    logits, answers = [], []
-    batches = range(0, len(paths), batch_size)
-    for start in tqdm(batches, description, unit="batch", disable=not cli.show_progress(), leave=False):
-        images = [image_input.load_image(path, min_size=size) for path in paths[start : start + batch_size]]
-        batch = torch.stack([transform(image) for image in images])
-        batch_logits, stage_means = backbones.network_outputs(model, batch, device)
-        answers += rules.answers(
-            batch_logits, stage_means, [image_input.image_facts(image, size) for image in images]
+def score_files(network, rules, paths, description, batch_size):
+    """(engine.ScoredImages, the app's answer for each image) of image files, decoded and scored
+    by the engine's one loop, as app.py scores an upload."""
+    scored = engine.score_files(network, paths, batch_size=batch_size, description=description)
+    return scored, rules.answers(scored.logits, scored.stage_means, scored.facts)
+
+
+def compare_stage_sets(network, scored, tree, flag_rate, stage_sets, batch_size):
+    """For each candidate set of stages, the out-of-distribution score fitted as model.py fits it
+    (original train/ images; threshold flagging `flag_rate` of val/), and the share of each
+    scored set of images (`scored`: name -> ScoredImages) it flags. Chosen on validation lesions
+    and the non-lesion pictures only: test images are not part of the choice."""
+    samples = {
+        split: [sample for sample in prepared.list_prepared_images(tree / split)
+                if not prepared.is_augmented_filename(sample[0])]
+        for split in ("train", "val")
+    }  # fmt: skip
+    fitted_on = {
+        split: engine.score_files(
+            network, *zip(*pairs, strict=True), batch_size=batch_size, description=split
         )
-        logits.append(batch_logits)
-    return np.concatenate(logits), answers
+        for split, pairs in samples.items()
+    }
+    rows = []
+    for stages in stage_sets:
+        ood = scoring_fit.fit_ood(fitted_on["train"], fitted_on["val"].stage_means, flag_rate, stages)
+        as_scored = {"stages": [scoring.as_arrays(stage) for stage in ood["stages"]]}
+        shares = {
+            name: float(np.mean(scoring.ood_scores(images.stage_means, as_scored) > ood["threshold"]))
+            for name, images in scored.items()
+        }
+        rows.append({"stages": list(stages), **shares})
+    return rows
 
 
 def missing_scoring_rules(path, meta, rules):
@@ -454,6 +472,13 @@ def calibration_report(meta, rules, labels, logits):
         "melanoma_labels_identical": bool(np.array_equal(melanoma_before, melanoma_after)),
         "images_labelled_differently": int(np.sum(melanoma_before != melanoma_after)),
     }
+
+
+def print_stage_sets(rows, flag_rate):
+    print(f"\nStages the out-of-distribution score reads, each fitted to flag {flag_rate:.0%} of val/:")
+    for row in rows:
+        stages = ",".join(map(str, row["stages"]))
+        print(f"  stages {stages:<12} non-lesion images flagged {row['non_lesion']:.1%}")
 
 
 def number(value):
@@ -549,7 +574,22 @@ def get_args_parser():
     )
     add("--batch-size", type=cli.positive_int, default=32, help="images per forward pass (default: 32)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add(
+        "--compare-stages",
+        type=stage_set,
+        nargs="+",
+        metavar="STAGES",
+        help="also refit the out-of-distribution score on these sets of stages (e.g. 1,2,3 0,1,2) "
+        "from --data's train/ and val/, and print the share of non-lesion images each flags",
+    )
     return parser
+
+
+def stage_set(text):
+    try:
+        return tuple(int(stage) for stage in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"stages as comma-separated numbers, not {text!r}") from None
 
 
 @cli.exits_on_user_error
@@ -557,7 +597,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_args_parser().parse_args(argv)
     device = devices.choose_device(args.device)
-    model, meta = checkpoints.load_scoring_model(args.model, device)
+    network = checkpoints.TorchNetwork(args.model, device)
+    meta = network.meta
     rules = scoring.ScoringRules(meta)
     problem = missing_scoring_rules(args.model, meta, rules)
     if problem:
@@ -568,9 +609,10 @@ def main(argv=None):
     print(f"{cpu_name()}, torch {torch.__version__}, {device}; {args.model}: {meta['image_size']} px")
     non_lesion_paths = build_non_lesion_set(args.non_lesion, args.chromium)
     print(f"Non-lesion set: {len(non_lesion_paths)} images in {args.non_lesion}")
-    score = functools.partial(score_files, model, meta, rules, device=device, batch_size=args.batch_size)
-    test_logits, test_answers = score([path for path, _ in test], "Test lesions")
-    _, non_lesion_answers = score(non_lesion_paths, "Non-lesion images")
+    score = functools.partial(score_files, network, rules, batch_size=args.batch_size)
+    test_scored, test_answers = score([path for path, _ in test], "Test lesions")
+    non_lesion_scored, non_lesion_answers = score(non_lesion_paths, "Non-lesion images")
+    test_logits = test_scored.logits
     labels = np.array([label for _, label in test])
     report = {
         "command": shlex.join([str(Path(__file__).relative_to(ROOT)), *argv]),
@@ -588,6 +630,12 @@ def main(argv=None):
     }
     print_flagging(report["flagging"])
     print_calibration(report["calibration"], len(test))
+    if args.compare_stages:
+        report["stage_sets"] = compare_stage_sets(
+            network, {"non_lesion": non_lesion_scored}, args.data.parent, rules.ood["flag_rate"],
+            args.compare_stages, args.batch_size,
+        )  # fmt: skip
+        print_stage_sets(report["stage_sets"], rules.ood["flag_rate"])
     files.atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     print(f"\nWrote {args.json}")
 

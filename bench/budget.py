@@ -35,7 +35,7 @@ STEP = 16  # progressive resizing moves in steps of 16 pixels (training_data.epo
 
 @dataclass
 class Costs:
-    """Seconds per image: training at each size, validation scoring at each size."""
+    """Seconds per image: training at each (backbone, size), validation scoring at each (backbone, size)."""
 
     train: dict = field(default_factory=dict)
     val: dict = field(default_factory=dict)
@@ -48,36 +48,39 @@ def recipe_settings(flags):
 
 def sizes_of(settings):
     if not settings.progressive_from:
-        return {settings.image_size}
-    return {*range(settings.progressive_from, settings.image_size, STEP), settings.image_size}
+        return {(settings.arch, settings.image_size)}
+    sizes = {*range(settings.progressive_from, settings.image_size, STEP), settings.image_size}
+    return {(settings.arch, size) for size in sizes}
 
 
 def measure_costs(train_folder, recipes, batch_size, workers, steps=3, warmup=1):
     """Costs at every size the recipes (lists of model.py flags) train and score at. Other work
     on the machine inflates them (and shrinks the plans): the load average is printed."""
     device = torch.device("cpu")
-    amp_dtype = devices.choose_amp_dtype(device, "auto")
-    mode = "channels_last+bf16" if amp_dtype == torch.bfloat16 else "channels_last"
     settings = [recipe_settings(flags) for flags in recipes]
+    amp_dtype = devices.choose_amp_dtype(device, settings[0].amp)  # one precision for every recipe
+    mode = "channels_last+bf16" if amp_dtype == torch.bfloat16 else "channels_last"
     costs = Costs()
-    loader_args = type("LoaderArgs", (), {"batch_size": batch_size, "workers": workers})
-    for size in sorted(set().union(*map(sizes_of, settings))):
+    for arch, size in sorted(set().union(*map(sizes_of, settings))):
+        loader_args = type("LoaderArgs", (), {"batch_size": batch_size, "workers": workers, "arch": arch})
         count = (warmup + steps) * batch_size
         with tempfile.TemporaryDirectory() as folder:
             loader = bench_train.pipeline_loader(train_folder, Path(folder), count, size, loader_args, device)
-            costs.train[size] = 1 / bench_train.images_per_second(loader, device, mode, warmup)
-    for size in sorted({recipe.image_size for recipe in settings}):
-        costs.val[size] = validation_seconds_per_image(size, batch_size, device)
+            costs.train[arch, size] = 1 / bench_train.images_per_second(loader, device, mode, warmup, arch)
+    for arch, size in sorted({(recipe.arch, recipe.image_size) for recipe in settings}):
+        costs.val[arch, size] = validation_seconds_per_image(size, batch_size, device, arch)
     print(f"Costs measured at load average {os.getloadavg()[0]:.2f} on {cli.available_cores()} cores")
-    print("Seconds per image: train " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.train.items()))
-    print("                   validation " + ", ".join(f"{s} px {t:.4f}" for s, t in costs.val.items()))
+    for kind, seconds in (("train", costs.train), ("validation", costs.val)):
+        print(
+            f"Seconds per image, {kind}: " + ", ".join(f"{a} {s} px {t:.4f}" for (a, s), t in seconds.items())
+        )
     return costs
 
 
 @torch.inference_mode()
-def validation_seconds_per_image(size, batch_size, device, batches=3):
+def validation_seconds_per_image(size, batch_size, device, arch, batches=3):
     """model.py validates in fp32 (score_split): the forward pass alone, after one untimed batch."""
-    network = backbones.SkinLesionModel().eval().to(memory_format=torch.channels_last)
+    network = backbones.SkinLesionModel(arch).eval().to(memory_format=torch.channels_last)
     images = torch.randn(batch_size, 3, size, size).to(memory_format=torch.channels_last)
     backbones.network_outputs(network, images, device)
     start = time.perf_counter()
@@ -93,7 +96,8 @@ def training_seconds(settings, epochs, costs, train_images, val_images):
     total = 0.0
     for epoch in range(epochs):
         size = training_data.epoch_image_size(settings, epoch)
-        total += train_images * costs.train[size] + validations * val_images * costs.val[settings.image_size]
+        validation = val_images * costs.val[settings.arch, settings.image_size]
+        total += train_images * costs.train[settings.arch, size] + validations * validation
         total += EPOCH_OVERHEAD_S
     return total
 

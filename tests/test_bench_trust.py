@@ -27,5 +27,5 @@ def test_non_lesion_set_is_varied_readable_and_the_same_on_every_run(tmp_path):
     } <= kinds
     for path, again in zip(first, second, strict=True):
         assert path.read_bytes() == again.read_bytes(), path.name
-        image = image_input.load_image(path, min_size=backbones.DEFAULT_IMAGE_SIZE)
+        image = image_input.load_image(path, min_size=backbones.BACKBONES[backbones.DEFAULT_ARCH].image_size)
         assert min(image.size) >= image_input.MIN_IMAGE_SIDE, path.name

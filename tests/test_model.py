@@ -19,6 +19,7 @@ from conftest import (
 )
 from PIL import Image
 
+import backbones
 import checkpoints
 import devices
 import errors
@@ -117,6 +118,7 @@ def augmentation_args(seed=3, progressive_from=0, epochs=3):
         progressive_from=progressive_from,
         epochs=epochs,
         augmentation="ours",
+        arch=backbones.DEFAULT_ARCH,
     )
 
 

@@ -2,13 +2,14 @@
 
 import argparse
 import io
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import HAM_SAMPLE, LARGE_PHOTOS, SAMPLE, make_random_checkpoint
+from conftest import HAM_SAMPLE, LARGE_PHOTOS, ROOT, SAMPLE, make_random_checkpoint
 from PIL import Image
 
 import backbones
@@ -272,3 +273,18 @@ def test_folding_batch_norms_keeps_the_probabilities(tmp_path):
     assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.modules())
     after = scoring.melanoma_probability(backbones.network_outputs(model, batch, cpu)[0])
     assert after == pytest.approx(before, abs=1e-5)
+
+
+def test_the_torch_free_layer_and_the_scripts_above_it_load_no_torch():
+    """prepdata.py, analysis.py (with report.py), predict.py and app.py need no torch to start;
+    only training, exporting and torch scoring load it (docs/design.md)."""
+    code = (
+        "import sys\n"
+        "import analysis, app, predict, prepdata, report\n"
+        "print(sorted(name for name in ('torch', 'torchvision', 'timm') if name in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""The four stages end to end, as a user runs them, on the bundled sample at a tiny size."""
+"""The four stages end to end, as a user runs them (and as `make demo` does: EfficientNet-Lite0
+from its pip-shipped ImageNet weights), on the bundled sample at a tiny size."""
 
 import csv
 import json
@@ -33,7 +34,8 @@ def test_four_stages_end_to_end(tmp_path):
         "--image-size", TINY_IMAGE_SIZE,
         "--batch-size", 8,
         "--accumulation-steps", 2,
-        "--weights", "none",
+        "--arch", "efficientnet_lite0",
+        "--weights", "imagenet",
         "--workers", 0,
         "--targets", "diagnosis",
     )  # fmt: skip
@@ -43,7 +45,12 @@ def test_four_stages_end_to_end(tmp_path):
         checkpoint["targets"] == "diagnosis" and "mel" in checkpoint["diagnoses"]
     )  # every stage below reads it
     assert checkpoint["image_size"] == TINY_IMAGE_SIZE
-    assert checkpoint["weights"] == "none"
+    assert (checkpoint["arch"], checkpoint["weights"], checkpoint["mean"]) == (
+        "efficientnet_lite0",
+        "imagenet",
+        [0.5] * 3,
+    )
+    assert "efficientnet_lite0 with ImageNet weights from the pip package" in train.stdout
     assert 0.0 <= checkpoint["threshold"] <= 1.0
     # What scoring needs beyond the weights, fitted on the best checkpoint. The sample's val/ is
     # too small to calibrate on, and the checkpoint says so.
