@@ -31,8 +31,8 @@ demo: $(INSTALLED)
 	$(PY) analysis.py --model best_model.pth --data prepared_dataset/test --out results
 	$(PY) app.py --model best_model.pth
 
-# The full-scale run on ../shared/data/ham10000_300: ours for 40 training minutes (epochs planned
-# from costs measured on the machine), the original recipe for 4 epochs, on the same split.
+# The full-scale run on ../shared/data/ham10000_300: ours and lite0 for 40 training minutes each
+# (epochs planned from costs measured on the machine), the original recipe for 4 epochs, one split.
 bench-quality: $(INSTALLED)
 	$(PY) bench/bench_quality.py --docs docs/quality
 
