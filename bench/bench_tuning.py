@@ -11,6 +11,8 @@ analysis.py. Test images are never scored here: the test/ folder is emptied befo
     python bench/bench_tuning.py --candidates diagnosis --reuse
     python bench/bench_tuning.py --work bench_runs/tuning40 --budget 37.2 --baseline progressive \
         --candidates progressive small_progressive balanced_progressive    # the third round
+    python bench/bench_tuning.py --work bench_runs/tuning_lite0 --budget 20 --baseline lite0 \
+        --candidates lite0 lite0_short_warmup lite0_176                    # the fourth round
 
 The rule of the second round (options over --baseline baseline), fixed before the runs: an option
 joins the recipe when the candidate that switches it on alone beats the baseline's validation ROC
@@ -20,7 +22,9 @@ the baseline by the same margin. The rule of the third round (alternatives to be
 ours, --baseline progressive, at its 40-minute budget), fixed before the runs: the best candidate
 that beats the baseline by more than TIE_MARGIN replaces it; otherwise the baseline stays. The
 printed noise band is each candidate's 95% bootstrap interval, and the paired bootstrap interval
-of its AUC minus the baseline's on the same validation images.
+of its AUC minus the baseline's on the same validation images. The fourth round (fine-tuning
+EfficientNet-Lite0 from the ImageNet weights its pip package ships, on the balanced train/, against
+model.py's fine-tuning defaults of the time, --baseline lite0) follows the third round's rule.
 """
 
 import argparse
@@ -62,6 +66,16 @@ CANDIDATES = {
     "small_progressive": {"small"},
     "balanced_progressive": {"progressive", BALANCED},
 }
+# Fourth round: each candidate's whole model.py flags. The baseline's one-epoch warm-up is model.py's
+# default of the time: at a budget of one or two epochs the learning rate barely decays.
+LITE0 = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--lr", "3e-4"]
+FINE_TUNING = {
+    "lite0": [*LITE0, "--image-size", "224", "--warmup-epochs", "1"],
+    "lite0_short_warmup": [*LITE0, "--image-size", "224", "--warmup-epochs", "0.2"],
+    # Two epochs instead of one in 20 minutes.
+    "lite0_176": [*LITE0, "--image-size", "176", "--warmup-epochs", "0.2"],
+}
+CANDIDATES |= {name: {BALANCED} for name in FINE_TUNING}
 DEFAULT_CANDIDATES = ["baseline", "diagnosis", "ema", "progressive"]
 TIE_MARGIN = 0.005
 # Every candidate trains its planned epochs; --time-budget only stops a run that other work on
@@ -71,6 +85,8 @@ BASELINE = "baseline"
 
 
 def candidate_flags(name, image_size):
+    if name in FINE_TUNING:
+        return FINE_TUNING[name]
     options = CANDIDATES[name]
     flags = ["--image-size", str(image_size)]
     for option in OPTION_ORDER:
@@ -95,6 +111,18 @@ def get_args_parser():
     parser.add_argument("--image-size", type=int, default=128, help="size of the fixed-size candidates")
     parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help="model.py's --amp for every candidate (bf16 is not faster on every CPU with AVX512-BF16)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="model.py's --seed for every candidate (run-to-run noise); the split is always the same",
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N CSV rows (0: all)")
     parser.add_argument(
         "--reuse", action="store_true", help="keep a candidate's finished run instead of training it again"
@@ -133,7 +161,10 @@ def image_count(folder):
 
 def plan(args, trees):
     """{candidate: (flags, epochs, planned seconds)} for the same budget, from measured costs."""
-    flags = {name: candidate_flags(name, args.image_size) for name in args.candidates}
+    flags = {
+        name: [*candidate_flags(name, args.image_size), "--amp", args.amp, "--seed", args.seed]
+        for name in args.candidates
+    }
     # Seconds per image do not depend on which train/ they are read from.
     costs = measure_costs(
         next(iter(trees.values())) / "train", list(flags.values()), args.batch_size, args.workers
@@ -228,11 +259,17 @@ def choice_line(outcomes, baseline):
     return f"recipe chosen by the rule: {chosen_candidate(outcomes, baseline)}"
 
 
+def weights_of(outcomes):
+    fine_tuned = any(outcome["candidate"] in FINE_TUNING for outcome in outcomes)
+    return "ImageNet weights (efficientnet_lite0, from pip)" if fine_tuned else "random init"
+
+
 def report_lines(outcomes, args):
     lines = [
-        f"validation split of ham10000_300, random init, {args.budget:g} training minutes per candidate "
-        f"(epochs planned from costs measured in this run), batch {args.batch_size}; an option is chosen "
-        f"when it beats the baseline by more than {TIE_MARGIN}",
+        f"validation split of ham10000_300, {weights_of(outcomes)}, {args.budget:g} training minutes "
+        f"per candidate (epochs planned from costs measured in this run), batch {args.batch_size}, "
+        f"--amp {args.amp}, seed {args.seed}; an option is chosen when it beats the baseline by more "
+        f"than {TIE_MARGIN}",
         "",
         "| candidate | options | epochs (planned) | sizes | val AUC per epoch (EMA) | best val AUC [95% CI] "
         "| minus baseline [paired 95% CI] | train s (planned) |",
