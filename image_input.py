@@ -135,10 +135,15 @@ def squared(image, size):
 
 
 def normalised(square, meta):
-    pixels = np.asarray(square, dtype=np.float32)
+    """(3, S, S) float32 `(pixel / 255 - mean) / std`, looked up for each 8-bit level: the same
+    float32 operations on each of the 256 levels only, so the same bits, in about half the time
+    of computing them for every pixel (an upload's time is spent outside a small network too)."""
+    levels = np.arange(256, dtype=np.float32)[:, None]
     mean = np.asarray(meta["mean"], dtype=np.float32)
     std = np.asarray(meta["std"], dtype=np.float32)
-    return ((pixels / np.float32(255) - mean) / std).transpose(2, 0, 1)
+    table = ((levels / np.float32(255) - mean) / std).T  # (channel, level)
+    planes = np.asarray(square).transpose(2, 0, 1)
+    return np.stack([np.take(table[channel], planes[channel]) for channel in range(3)])
 
 
 # --- image facts: the size and the statistics behind the quality warnings ----------------------

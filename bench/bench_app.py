@@ -17,6 +17,7 @@ prints figures; it never fails on timing.
 """
 
 import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -67,6 +68,14 @@ def post_sequentially(base_url, uploads, requests, explain=False):
     return results
 
 
+def round_trip_ms(base_url, requests):
+    """Median ms of a bodiless request answered without the model: what HTTP, waitress and Flask
+    cost an upload before and after the server's own timed work."""
+    return statistics.median(
+        timed(lambda: app_harness.get_json(base_url, "/healthz")) for _ in range(requests)
+    )
+
+
 def percentile_ms(latencies, percent):
     return 1000 * float(np.percentile(latencies, percent))
 
@@ -77,11 +86,12 @@ def report_latency(name, results, reference_ms=None):
     p50 = percentile_ms(latencies, 50)
     server = {
         step: statistics.median(answer["timing_ms"][step] for answer, _ in results)
-        for step in ("decode", "model")
+        for step in ("decode", "model", "total")
     }
     line = (
         f"{name:<34} p50 {p50:6.1f} ms   p95 {percentile_ms(latencies, 95):6.1f} ms   "
-        f"(server: decode {server['decode']:.0f} ms, model {server['model']:.0f} ms; n={len(results)})"
+        f"(server: decode {server['decode']:.1f} ms, model {server['model']:.1f} ms, "
+        f"all {server['total']:.1f} ms; n={len(results)})"
     )
     if reference_ms:
         line += f"   {p50 / reference_ms:.2f}x the 600x450 p50"
@@ -97,6 +107,8 @@ def run_benchmark(args, served):
         for upload in small[:2] + large[:2]:  # first requests pay one-off costs (connections, caches)
             app_harness.post_file(url, upload)
         small_p50 = report_latency("600x450 (ham10000_sample)", post_sequentially(url, small, args.requests))
+        round_trip = round_trip_ms(url, args.requests)
+        print(f"{'GET /healthz (HTTP round trip)':<34} p50 {round_trip:6.1f} ms", flush=True)
         large_p50 = report_latency(
             "1024x768-3008x2000 (large_photos)", post_sequentially(url, large, args.requests), small_p50
         )
@@ -160,6 +172,30 @@ def report_targets(served, forward):
     print(f"  large photos / 600x450 p50:   {served['large_p50'] / served['small_p50']:.2f} (target <= 1.10)")
     print(f"  requests/s / (1000 / engine ms): {served['requests_per_s'] / engine_rate:.2f} (target >= 0.85)")
     print(f"  server peak memory: {served['peak_mb']:.0f} MB (target <= 450 MiB = 472 MB)")
+
+
+def upload_parts_ms(onnx_path, photos, repeats=30):
+    """Median ms of each part of a 600x450 upload's server work, in this process, on the engine:
+    decoding, the network input and image facts (one resize), the forward pass, the answer."""
+    network = engine.OnnxEngine(onnx_path, threads=cli.available_cores())
+    rules = scoring.ScoringRules(network.meta)
+    size = network.meta["image_size"]
+    uploads = [photo.read_bytes() for photo in photos]
+    images = [image_input.decode_image_bytes(data, size) for data in uploads]
+    inputs = [image_input.model_input_and_facts(image, network.meta) for image in images]
+    outputs = [network.outputs(pixels[None]) for pixels, _ in inputs]
+    parts = {
+        "decode": lambda index: image_input.decode_image_bytes(uploads[index], size),
+        "input and facts": lambda index: image_input.model_input_and_facts(images[index], network.meta),
+        "forward": lambda index: network.outputs(inputs[index][0][None]),
+        "answer": lambda index: rules.answers(outputs[index][0], outputs[index][1], [inputs[index][1]]),
+    }
+    timings = {}
+    for name, part in [*parts.items()] * 2:  # round 1 warms up
+        timings[name] = statistics.median(
+            timed(functools.partial(part, index % len(photos))) for index in range(repeats)
+        )
+    return timings
 
 
 def answer_overhead(checkpoint, photos, repeats=30):
@@ -255,6 +291,11 @@ def main(argv=None):
         if not args.precision_only:
             served = run_benchmark(args, onnx_path)
             report_targets(served, forward_ms(checkpoint, onnx_path, sorted(SMALL_IMAGES.glob("*.jpg"))[0]))
+            parts = upload_parts_ms(onnx_path, sorted(SMALL_IMAGES.glob("*.jpg"))[:16])
+            print(
+                "600x450 upload's parts in-process, medians: "
+                + ", ".join(f"{name} {ms:.2f} ms" for name, ms in parts.items())
+            )
             overhead = answer_overhead(checkpoint, sorted(SMALL_IMAGES.glob("*.jpg"))[:16])
             print(
                 f"model step in-process, batch 1: plain forward {overhead['plain']:.1f} ms, the whole answer "
