@@ -24,7 +24,9 @@ that beats the baseline by more than TIE_MARGIN replaces it; otherwise the basel
 printed noise band is each candidate's 95% bootstrap interval, and the paired bootstrap interval
 of its AUC minus the baseline's on the same validation images. The fourth round (fine-tuning
 EfficientNet-Lite0 from the ImageNet weights its pip package ships, on the balanced train/, against
-model.py's fine-tuning defaults of the time, --baseline lite0) follows the third round's rule.
+model.py's fine-tuning defaults of the time, --baseline lite0) follows the third round's rule;
+its two finalists then ran again with --seed 2, and the first seed's winner stays unless the
+other's mean validation AUC over both seeds beats its own by more than TIE_MARGIN.
 """
 
 import argparse
