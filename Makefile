@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-# Small enough for a CPU: the bundled 242-image demo sample, 5 epochs. Its 50/20/30 split leaves
-# 73 test images (25 melanomas), so the test ROC AUC's interval can tell the model from chance.
+# Small enough for a CPU: the bundled 180-image demo sample, 5 epochs. Its 50/20/30 split leaves
+# 54 test images (18 melanomas), so the test ROC AUC's interval can tell the model from chance.
 DEMO_EPOCHS ?= 5
 
 .PHONY: demo test lint browser clean bench-quality bench-tuning bench-tuning-40 bench-tuning-lite0 bench-trust

@@ -91,12 +91,7 @@ def get_args_parser():
         "--budget", type=float, default=40.0, help="training minutes of a recipe with a budget (ours)"
     )
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
-    parser.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "off"),
-        default="auto",
-        help="model.py's --amp for every recipe (bf16 is not faster on every CPU with AVX512-BF16)",
-    )
+    add_amp_argument(parser, "recipe")
     parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
     parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N CSV rows (0: all)")
@@ -104,6 +99,15 @@ def get_args_parser():
     parser.add_argument("--docs", type=Path, help="copy the plots of the first recipe into this folder")
     parser.add_argument("--app-images", type=int, default=20, help="test images to send to the running app")
     return parser
+
+
+def add_amp_argument(parser, runs):
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help=f"model.py's --amp for every {runs} (bf16 is not faster on every CPU with AVX512-BF16)",
+    )
 
 
 def run_stage(timings, name, script, *args):

@@ -35,7 +35,7 @@ import json
 import shutil
 from pathlib import Path
 
-from bench_quality import DATA, ROOT, finish_report, limited_csv, run_stage, start_run
+from bench_quality import DATA, ROOT, add_amp_argument, finish_report, limited_csv, run_stage, start_run
 from budget import epochs_within, measure_costs, recipe_settings, training_seconds
 
 import metrics
@@ -113,12 +113,7 @@ def get_args_parser():
     parser.add_argument("--image-size", type=int, default=128, help="size of the fixed-size candidates")
     parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
-    parser.add_argument(
-        "--amp",
-        choices=("auto", "bf16", "off"),
-        default="auto",
-        help="model.py's --amp for every candidate (bf16 is not faster on every CPU with AVX512-BF16)",
-    )
+    add_amp_argument(parser, "candidate")
     parser.add_argument(
         "--seed",
         type=int,
