@@ -76,6 +76,22 @@ def test_bootstrap_is_seeded_and_skips_what_one_class_cannot_give():
     assert only_melanoma["sensitivity"][0] <= only_melanoma["sensitivity"][1]
 
 
+def test_bootstrap_intervals_are_the_percentiles_of_each_resamples_figures():
+    labels, probabilities = synthetic_scores(size=80)
+    intervals = metrics.bootstrap_intervals(labels, probabilities, 0.4, 30, seed=5)
+    per_resample = [
+        (
+            metrics.roc_auc(labels[index], probabilities[index]),
+            *metrics.sensitivity_specificity(labels[index], probabilities[index], 0.4),
+        )
+        for index in metrics.stratified_resamples(labels, 30, seed=5)
+    ]
+    columns = zip(*per_resample, strict=True)
+    for name, values in zip(("roc_auc", "sensitivity", "specificity"), columns, strict=True):
+        assert intervals[name] == pytest.approx(metrics.percentile_interval(values), abs=1e-12)
+    assert intervals["sensitivity"][0] < intervals["sensitivity"][1]
+
+
 def test_stratified_resamples_keep_each_class_count():
     labels, _ = synthetic_scores()
     for index in metrics.stratified_resamples(labels, 5, seed=0):
