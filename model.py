@@ -64,6 +64,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "ema_decay": 0.0,
     "progressive_from": 0,
     "time_budget": 0,
+    "backbone_lr_scale": 1.0,
 }
 
 
@@ -129,6 +130,12 @@ def get_args_parser():
         "224 for efficientnet_lite0)",
     )
     add("--lr", type=cli.positive_float, default=3e-4, help="peak AdamW learning rate")
+    add(
+        "--backbone-lr-scale",
+        type=cli.positive_float,
+        default=1.0,
+        help="the backbone's learning rate as a share of --lr, the new head's (1: one rate for all)",
+    )
     add("--weight-decay", type=cli.non_negative_float, default=0.05, help="AdamW weight decay")
     add(
         "--schedule",

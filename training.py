@@ -204,8 +204,21 @@ def make_optimizer(parameters, device, lr, weight_decay):
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def parameter_groups(model, lr, backbone_lr_scale):
+    """The optimiser's groups: every weight at `lr`, or, with a scale other than 1, the new head at
+    `lr` and the backbone at `lr * backbone_lr_scale`, so pretrained features move less while the
+    head learns. The head comes first: its rate is the peak the logs report."""
+    if backbone_lr_scale == 1:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    head = list(getattr(model, "module", model).efficientnet.classifier.parameters())
+    in_head = {id(parameter) for parameter in head}
+    backbone = [parameter for parameter in model.parameters() if id(parameter) not in in_head]
+    return [{"params": head, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
+
+
 def build_trainer(args, runtime, model, loader, head):
-    optimizer = make_optimizer(model.parameters(), runtime.device, args.lr, args.weight_decay)
+    groups = parameter_groups(model, args.lr, args.backbone_lr_scale)
+    optimizer = make_optimizer(groups, runtime.device, args.lr, args.weight_decay)
     step_scheduler = None
     if args.schedule == "cosine":
         steps_per_epoch = len(

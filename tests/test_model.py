@@ -284,19 +284,9 @@ def test_one_class_validation_gives_null_auc_and_the_original_preset_runs(tmp_pa
 def test_resume_continues_to_the_same_result(prepared, tmp_path, monkeypatch):
     """Interrupted after epoch 1, then resumed (with a loader worker this time): the same weights,
     moving average and history as a run that was never interrupted (diagnosis head, progressive
-    resizing and the weights' moving average on)."""
-    run = [
-        "--epochs",
-        2,
-        "--patience",
-        5,
-        "--progressive-from",
-        32,
-        "--ema-decay",
-        0.5,
-        "--targets",
-        "diagnosis",
-    ]
+    resizing, the weights' moving average and a backbone rate of its own on)."""
+    run = ["--epochs", 2, "--patience", 5, "--progressive-from", 32, "--ema-decay", 0.5]
+    run += ["--targets", "diagnosis", "--backbone-lr-scale", 0.5]
     model.main(tiny_args(prepared, tmp_path / "whole", *run, "--workers", 0))
 
     save_last = model.save_last_checkpoint
@@ -356,6 +346,35 @@ def test_the_fused_optimiser_resumes_the_state_of_the_unfused_one_and_steps_alik
     step(resumed, fused, gradients[2])
     for got, want in zip(resumed, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_backbone_learns_at_its_share_of_the_heads_rate_through_the_schedule():
+    """--backbone-lr-scale 0.1: AdamW's first step moves each weight by about its group's rate (the
+    update is lr * g / |g|), so head weights move by --lr and backbone weights by a tenth of it; the
+    warm-up and cosine scale both groups alike. Scale 1 keeps one group, as runs before it had."""
+    torch.manual_seed(0)
+    network = backbones.SkinLesionModel("efficientnet_lite0")
+    groups = training.parameter_groups(network, 1e-3, 0.1)
+    head = set(map(id, network.efficientnet.classifier.parameters()))
+    assert set(map(id, groups[0]["params"])) == head
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(network.parameters()))
+    assert len(training.parameter_groups(network, 1e-3, 1.0)) == 1
+
+    optimizer = training.make_optimizer(groups, torch.device("cpu"), 1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, training.warmup_cosine(1, 4))
+    before = [parameter.detach().clone() for parameter in network.parameters()]
+    network(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    moved = {
+        id(parameter): (parameter.detach() - old).abs().max().item()
+        for parameter, old in zip(network.parameters(), before, strict=True)
+    }
+    assert max(moved[key] for key in head) == pytest.approx(1e-3, rel=1e-3)
+    assert max(moved[key] for key in moved if key not in head) == pytest.approx(1e-4, rel=1e-3)
+    schedule.step()
+    schedule.step()
+    rates = [group["lr"] for group in optimizer.param_groups]
+    assert rates[0] < 1e-3 and rates[1] == pytest.approx(rates[0] / 10)
 
 
 def test_the_moving_average_follows_every_optimiser_step():
