@@ -58,9 +58,11 @@ RECIPES = {
     "original": {"prepdata": [], "model": ["--preset", "original"], "budget": False},
     # Fine-tuning EfficientNet-Lite0 from the ImageNet weights its pip package ships, at its own
     # 224 px, with model.py's fine-tuning defaults (lr 3e-4, cosine after a warm-up of a fifth of
-    # an epoch: bench_tuning.py's fourth round chose it on validation over a whole epoch and 176 px).
+    # an epoch: bench_tuning.py's fourth round chose it on validation over a whole epoch and 176 px),
+    # on the original images with the loss weighted by class: the sixth round chose them over a
+    # train/ balanced with augmented copies, on two seeds (docs/measurements.md).
     "lite0": {
-        "prepdata": [],
+        "prepdata": ["--no-balance"],
         "model": ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--image-size", "224"],
         "budget": True,
     },
