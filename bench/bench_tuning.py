@@ -73,15 +73,15 @@ CANDIDATES = {
 # Fourth round: each candidate's whole model.py flags. The baseline's one-epoch warm-up is model.py's
 # default of the time: at a budget of one or two epochs the learning rate barely decays.
 LITE0 = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--lr", "3e-4"]
-CHOSEN_LITE0 = [*LITE0, "--image-size", "224", "--warmup-epochs", "0.2"]  # the fourth round's choice
+CHOSEN_LITE0 = [*LITE0, "--image-size", "224", "--warmup-epochs", "0.2"]  # lite0_short_warmup, chosen
 FINE_TUNING = {
     "lite0": [*LITE0, "--image-size", "224", "--warmup-epochs", "1"],
-    "lite0_short_warmup": [*LITE0, "--image-size", "224", "--warmup-epochs", "0.2"],
+    "lite0_short_warmup": CHOSEN_LITE0,
     # Two epochs instead of one in 20 minutes.
     "lite0_176": [*LITE0, "--image-size", "176", "--warmup-epochs", "0.2"],
     # Fifth, against the chosen lite0_short_warmup: every diagnosis as a target, melanoma read off
     # the softmax (a tie from random initialisation in the second round).
-    "lite0_diagnosis": [*LITE0, "--image-size", "224", "--warmup-epochs", "0.2", "--targets", "diagnosis"],
+    "lite0_diagnosis": [*CHOSEN_LITE0, "--targets", "diagnosis"],
     # Sixth round, issue 20's untried candidates against lite0_short_warmup: a third of its learning
     # rate (the later --lr wins in argparse; a loop outside the project peaked at epoch 1 at 3e-4);
     "lite0_low_lr": [*CHOSEN_LITE0, "--lr", "1e-4"],
